@@ -1,0 +1,88 @@
+"""Checks a job must pass before it is queued: model, kind, limits, and prompt length in tokens."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from api.errors import ApiError
+from broker.messages import MODEL_KIND_OF_JOB, EmbedJob, GenerateJob, SummarizeJob
+from broker.prompts import render_generate
+from broker.settings import ModelSpec, Settings
+from broker.sources import resolve
+
+
+class Vocabularies:
+    """Vocabulary-only llama.cpp models (no weights), loaded once per model, to count tokens."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self._loaded: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def count(self, spec: ModelSpec, text: str, special: bool) -> int:
+        with self._lock:
+            vocab = self._loaded.get(spec.source)
+            if vocab is None:
+                from llama_cpp import Llama
+
+                path = resolve(spec.source, self.cache_dir)
+                vocab = Llama(str(path), vocab_only=True, verbose=False)
+                self._loaded[spec.source] = vocab
+        return len(vocab.tokenize(text.encode(), add_bos=True, special=special))
+
+
+def model_for(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) -> ModelSpec:
+    spec = settings.models.get(job.model)
+    if spec is None:
+        known = ", ".join(sorted(settings.models))
+        raise ApiError(400, "unknown_model", f"no model {job.model!r}; configured: {known}", "model")
+    if MODEL_KIND_OF_JOB[job.kind] != spec.kind:
+        raise ApiError(
+            400, "wrong_model_kind",
+            f"model {job.model!r} is an {spec.kind} model; {job.kind} needs an "
+            f"{MODEL_KIND_OF_JOB[job.kind]} model", "model",
+        )
+    return spec
+
+
+def check_limits(job: GenerateJob | SummarizeJob | EmbedJob, spec: ModelSpec) -> None:
+    if isinstance(job, EmbedJob):
+        if len(job.texts) > spec.max_texts:
+            raise ApiError(413, "too_many_texts",
+                           f"{len(job.texts)} texts; at most {spec.max_texts}", "texts")
+        for i, text in enumerate(job.texts):
+            if len(text) > spec.max_text_chars:
+                raise ApiError(413, "text_too_long",
+                               f"texts[{i}] has {len(text)} characters; at most "
+                               f"{spec.max_text_chars}", f"texts[{i}]")
+            if not text.strip():
+                raise ApiError(422, "invalid_request", f"texts[{i}] is empty", f"texts[{i}]")
+        return
+    if job.max_tokens > spec.max_tokens:
+        raise ApiError(422, "max_tokens_too_large",
+                       f"max_tokens {job.max_tokens} is over this model's cap of "
+                       f"{spec.max_tokens}", "max_tokens")
+
+
+async def check_context(job: GenerateJob, spec: ModelSpec, vocab: Vocabularies) -> int:
+    """The prompt's length in tokens; an error if it leaves no room in the context."""
+    prompt = render_generate(job, spec.chat_format)
+    n = await anyio.to_thread.run_sync(vocab.count, spec, prompt.text, prompt.special)
+    if n >= spec.n_ctx:
+        field = "prompt" if job.prompt is not None else "messages"
+        raise ApiError(400, "context_length_exceeded",
+                       f"{field} is {n} tokens; the model's context is {spec.n_ctx}", field)
+    return n
+
+
+async def admit(
+    job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings, vocab: Vocabularies
+) -> None:
+    spec = model_for(job, settings)
+    check_limits(job, spec)
+    if isinstance(job, GenerateJob):
+        await check_context(job, spec, vocab)

@@ -1,0 +1,60 @@
+"""The Starlette app: `create_app(settings, redis_url)`; the lifespan owns the Redis client."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from api import jobs, ops
+from api.admission import Vocabularies
+from api.errors import ApiError, api_error_handler
+from broker.celery_app import make_celery
+from broker.keys import Keys
+from broker.settings import Settings
+from broker.store import AsyncJobStore
+
+log = logging.getLogger("tokenpool.api")
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return ApiError(exc.status_code, type_, str(exc.detail)).response()
+
+
+async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis error on %s: %s", request.url.path, exc)
+    return ApiError(503, "unavailable", "the job store is unavailable; retry later").response()
+
+
+def create_app(settings: Settings, redis_url: str) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(redis_url, health_check_interval=30)
+        app.state.settings = settings
+        app.state.keys = Keys(settings.key_prefix)
+        app.state.redis = client
+        app.state.store = AsyncJobStore(client, settings)
+        app.state.celery = make_celery(settings, redis_url)
+        app.state.vocab = Vocabularies(settings.cache_dir)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    return Starlette(
+        routes=[*ops.routes, *jobs.routes],
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error,
+            aioredis.RedisError: redis_down,
+        },
+    )

@@ -1,0 +1,172 @@
+"""Job routes: submit, read, follow (SSE), cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from api.admission import admit
+from api.errors import ApiError, from_validation, not_found
+from api.sse import event_stream
+from broker.celery_app import TASK_NAMES, celery_priority
+from broker.messages import FINAL_STATUSES, JOB_REQUEST
+
+log = logging.getLogger("tokenpool.api")
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+PUBLIC_FIELDS = ("id", "kind", "model", "status", "created_at", "started_at", "finished_at",
+                 "worker", "attempts", "result", "error", "usage", "timings")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"body is {declared} bytes; at most {limit}", "body")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "body_too_large", f"body is over {limit} bytes", "body")
+    return body
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}", "body") from None
+
+
+def links(job_id: str) -> dict[str, str]:
+    return {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"}
+
+
+def public(record: dict[str, Any]) -> dict[str, Any]:
+    return {name: record.get(name) for name in PUBLIC_FIELDS} | {"links": links(record["id"])}
+
+
+def job_id_of(request: Request) -> str:
+    job_id = request.path_params["job_id"]
+    if not JOB_ID.match(job_id):
+        raise not_found(job_id)
+    return str(job_id)
+
+
+async def submit(request: Request) -> JSONResponse:
+    state = request.app.state
+    data = parse_json(await read_body(request, state.settings.max_body_bytes))
+    try:
+        job = JOB_REQUEST.validate_python(data)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+    await admit(job, state.settings, state.vocab)
+    idem_key = request.headers.get("idempotency-key")
+    if idem_key is not None and not IDEMPOTENCY_KEY.match(idem_key):
+        raise ApiError(400, "invalid_header", "Idempotency-Key must be 1-200 visible ASCII "
+                       "characters", "Idempotency-Key")
+    request_json = job.model_dump(mode="json")
+    fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
+    record = {"kind": job.kind, "model": job.model, "created_at": repr(time.time()),
+              "request": request_json, "fingerprint": fingerprint}
+    job_id, created = await state.store.create(uuid.uuid4().hex, record, idem_key)
+    if not created:
+        return await _replayed(state, job_id, fingerprint)
+    await _enqueue(state, job_id, job.kind, job.model, job.priority)
+    log.info("job %s: queued %s on %s", job_id, job.kind, job.model)
+    return JSONResponse({"id": job_id, "status": "queued", "links": links(job_id)}, 202)
+
+
+async def _replayed(state: Any, job_id: str, fingerprint: str) -> JSONResponse:
+    existing = await state.store.get(job_id)
+    if existing is None:
+        raise ApiError(409, "idempotency_conflict",
+                       "this Idempotency-Key named a job that has expired", "Idempotency-Key")
+    if existing["fingerprint"] != fingerprint:
+        raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was used for a "
+                       "different request", "Idempotency-Key")
+    body = {"id": job_id, "status": existing["status"], "links": links(job_id)}
+    return JSONResponse(body, 202, headers={"Idempotent-Replayed": "true"})
+
+
+async def _enqueue(state: Any, job_id: str, kind: str, model: str, priority: int) -> None:
+    def send() -> None:
+        state.celery.send_task(
+            TASK_NAMES[kind], args=[job_id, model], task_id=job_id,
+            queue=state.keys.queue(model), priority=celery_priority(priority),
+        )
+
+    try:
+        await anyio.to_thread.run_sync(send)
+    except Exception as exc:
+        log.error("job %s: enqueue failed: %s", job_id, exc)
+        await state.store.fail(job_id, "enqueue_failed", "the job could not be queued")
+        raise ApiError(503, "unavailable", "the queue is unavailable; retry later") from None
+
+
+async def get_job(request: Request) -> JSONResponse:
+    job_id = job_id_of(request)
+    record = await request.app.state.store.get(job_id)
+    if record is None:
+        raise not_found(job_id)
+    return JSONResponse(public(record))
+
+
+async def cancel_job(request: Request) -> JSONResponse:
+    job_id = job_id_of(request)
+    outcome = await request.app.state.store.cancel(job_id)
+    if outcome == "missing":
+        raise not_found(job_id)
+    if outcome == "cancelled":
+        return JSONResponse({"id": job_id, "status": "cancelled", "cancelled": True})
+    if outcome == "cancelling":
+        body = {"id": job_id, "status": "running", "cancelled": True,
+                "detail": "cancel requested; the job stops within one token"}
+        return JSONResponse(body, 202)
+    assert outcome in FINAL_STATUSES
+    return JSONResponse({"id": job_id, "status": outcome, "cancelled": False,
+                         "detail": f"job already {outcome}; nothing to cancel"})
+
+
+def after_seq(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("after")
+    if raw is None or raw == "":
+        return -1
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_request", "Last-Event-ID / after must be an integer seq",
+                       "Last-Event-ID") from None
+    if value < -1:
+        raise ApiError(400, "invalid_request", "seq must be >= -1", "Last-Event-ID")
+    return value
+
+
+async def job_events(request: Request) -> StreamingResponse:
+    job_id = job_id_of(request)
+    after = after_seq(request)
+    state = request.app.state
+    if not await state.redis.exists(state.keys.job(job_id)):
+        raise not_found(job_id)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(
+        event_stream(state, job_id, after), media_type="text/event-stream", headers=headers
+    )
+
+
+routes = [
+    Route("/v1/jobs", submit, methods=["POST"]),
+    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+    Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+]

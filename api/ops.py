@@ -1,0 +1,58 @@
+"""Operations routes: health, readiness, models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from broker.fleet import live_workers
+
+
+async def fleet(state: Any) -> dict[str, list[dict[str, Any]]]:
+    by_model: dict[str, list[dict[str, Any]]] = {name: [] for name in state.settings.models}
+    for beat in await live_workers(state.redis, state.keys, state.settings.heartbeat_ttl_s):
+        by_model.setdefault(beat.get("model", "?"), []).append(beat)
+    return by_model
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> JSONResponse:
+    state = request.app.state
+    try:
+        await state.redis.ping()
+        by_model = await fleet(state)
+    except (aioredis.RedisError, OSError) as exc:
+        return JSONResponse({"ready": False, "redis": f"unreachable: {type(exc).__name__}"}, 503)
+    missing = [
+        name for name in state.settings.models
+        if not any(w.get("state") in ("loaded", "generating") for w in by_model.get(name, []))
+    ]
+    body = {"ready": not missing, "redis": "ok", "missing_workers": missing}
+    return JSONResponse(body, 200 if not missing else 503)
+
+
+async def models(request: Request) -> JSONResponse:
+    state = request.app.state
+    by_model = await fleet(state)
+    data = [
+        {"id": name, "object": "model", "kind": spec.kind, "n_ctx": spec.n_ctx,
+         "max_tokens": spec.max_tokens, "chat_format": spec.chat_format,
+         "workers": [{k: w.get(k) for k in ("name", "host", "gpu", "state")}
+                     for w in by_model.get(name, [])]}
+        for name, spec in state.settings.models.items()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+routes = [
+    Route("/health", health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
+    Route("/v1/models", models, methods=["GET"]),
+]

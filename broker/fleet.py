@@ -1,0 +1,36 @@
+"""Worker heartbeats in Redis: written by workers, read by the API (/ready, /v1/models)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from broker.keys import Keys
+
+
+def write_heartbeat(client: redis.Redis, keys: Keys, beat: dict[str, Any], ttl_s: float) -> None:
+    name = beat["name"]
+    pipe = client.pipeline(transaction=False)
+    pipe.set(keys.worker(name), json.dumps(beat), px=int(ttl_s * 1000))
+    pipe.zadd(keys.workers(), {name: time.time()})
+    pipe.execute()
+
+
+def remove_heartbeat(client: redis.Redis, keys: Keys, name: str) -> None:
+    client.delete(keys.worker(name))
+    client.zrem(keys.workers(), name)
+
+
+async def live_workers(client: aioredis.Redis, keys: Keys, ttl_s: float) -> list[dict[str, Any]]:
+    """Workers heard from within `ttl_s`; older entries are swept from the index."""
+    cutoff = time.time() - ttl_s
+    await client.zremrangebyscore(keys.workers(), "-inf", cutoff)
+    names = await client.zrange(keys.workers(), 0, -1)
+    if not names:
+        return []
+    beats = await client.mget([keys.worker(n.decode()) for n in names])
+    return [json.loads(b) for b in beats if b]

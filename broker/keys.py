@@ -1,0 +1,47 @@
+"""Every Redis name tokenpool uses, built in one place from the configured prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "tokenpool"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job record (status, request, result, error, usage, timings, seq counter)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """Stream: every event of the job, entry id `<seq>-1`, field `event` = the JSON."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def channel(self, job_id: str) -> str:
+        """Pub/sub channel: every event of the job, published as it is written."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def channel_pattern(self) -> str:
+        """PSUBSCRIBE pattern for the events of every job."""
+        return f"{self.prefix}:job:*"
+
+    def idempotency(self, key: str) -> str:
+        """String: the job id a client's Idempotency-Key maps to."""
+        return f"{self.prefix}:idem:{key}"
+
+    def worker(self, name: str) -> str:
+        """String (JSON, with a TTL): a worker's last heartbeat."""
+        return f"{self.prefix}:worker:{name}"
+
+    def workers(self) -> str:
+        """Sorted set: worker name -> time of its last heartbeat."""
+        return f"{self.prefix}:workers"
+
+    def queue(self, model: str) -> str:
+        """Celery queue (a Redis list) of one model's jobs."""
+        return f"{self.prefix}.{model}"
+
+
+def stream_id(seq: int) -> str:
+    """The stream entry id of event `seq`: resuming after seq N is XREAD from `N-1`."""
+    return f"{seq}-1"

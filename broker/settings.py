@@ -1,0 +1,120 @@
+"""The one settings object: read once at start (env, optional TOML file), then passed down.
+
+Environment variables use the `TOKENPOOL_` prefix and `__` for nesting
+(`TOKENPOOL_MODELS__SUMMARY__N_CTX=1024`); `REDIS_URL` is accepted as well as
+`TOKENPOOL_REDIS_URL`. `TOKENPOOL_CONFIG` names an optional TOML file with the same fields.
+Models named in env or file are merged over the built-in registry; `enabled = false` drops one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+BUNDLED_GEMMA = "bundled:gemma3-270m"
+BUNDLED_MINILM = "bundled:all-minilm-l6-v2"
+
+
+class ModelSpec(BaseModel):
+    """One named model of the registry; a worker serves exactly one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["llm", "embedding"] = Field(description="llm (llama.cpp) or embedding")
+    source: str = Field(
+        description="a GGUF path (llm), a sentence-transformers dir (embedding), or bundled:NAME"
+    )
+    enabled: bool = Field(True, description="false removes a built-in model")
+    n_ctx: int = Field(2048, ge=64, le=262_144, description="context window in tokens")
+    n_gpu_layers: int = Field(-1, ge=-1, description="layers offloaded to the GPU; -1 all")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads; unset: all cores")
+    chat_format: str = Field("gemma", description="llama-cpp-python chat format for messages")
+    max_tokens: int = Field(1024, ge=1, description="cap on a job's max_tokens")
+    max_texts: int = Field(256, ge=1, description="embedding: most texts in one job")
+    max_text_chars: int = Field(8192, ge=1, description="embedding: longest text in characters")
+    dimensions: int | None = Field(None, ge=1, description="embedding size, if known ahead")
+    gpu: str = Field("cpu", pattern=r"^(cpu|\d+)$", description="where `up` pins its worker")
+
+
+def default_models() -> dict[str, ModelSpec]:
+    """The registry that needs no files: Gemma 3 270M for text, MiniLM for embeddings."""
+    return {
+        "chat": ModelSpec(kind="llm", source=BUNDLED_GEMMA, n_ctx=2048, max_tokens=1024),
+        "summary": ModelSpec(kind="llm", source=BUNDLED_GEMMA, n_ctx=4096, max_tokens=512),
+        "embed": ModelSpec(kind="embedding", source=BUNDLED_MINILM, dimensions=384),
+    }
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with its unit in its name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENPOOL_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("TOKENPOOL_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Redis to use; unset: `tokenpool up` starts an embedded redis-server",
+    )
+    key_prefix: str = Field("tokenpool", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    data_dir: Path = Field(Path("data"), description="embedded Redis data (AOF) and logs")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "tokenpool", description="assembled bundled models"
+    )
+    api_host: str = Field("127.0.0.1", description="API bind address")
+    api_port: int = Field(8000, ge=0, le=65535)
+    flower_port: int = Field(5555, ge=0, le=65535)
+    flower_user: str = Field("admin")
+    flower_password: str | None = Field(None, description="unset: generated and printed by up")
+    embedded_redis_port: int = Field(6379, ge=0, le=65535, description="tried first by up")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body")
+    job_ttl_s: int = Field(86_400, ge=1, description="job record and stream life after it ends")
+    live_ttl_s: int = Field(7 * 86_400, ge=60, description="life of a job not yet ended")
+    stream_maxlen: int = Field(100_000, ge=100, description="events kept per job stream")
+    idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
+    visibility_timeout_s: int = Field(3600, ge=10, description="Celery redis redelivery delay")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
+    heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker is gone after this silence")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="SSE comment sent when idle")
+    summary_chunk_overlap_tokens: int = Field(32, ge=0, description="map-reduce chunk overlap")
+    models: dict[str, ModelSpec] = Field(default_factory=default_models)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_models(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "models" not in data:
+            return data
+        merged: dict[str, Any] = {k: v.model_dump() for k, v in default_models().items()}
+        for name, spec in (data["models"] or {}).items():
+            given = spec.model_dump() if isinstance(spec, ModelSpec) else dict(spec)
+            merged[name] = {**merged.get(name, {}), **given}
+        data = {**data, "models": {k: v for k, v in merged.items() if v.get("enabled", True)}}
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = os.environ.get("TOKENPOOL_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    def model(self, name: str) -> ModelSpec:
+        return self.models[name]

@@ -1,0 +1,112 @@
+"""The `tokenpool` command: up, api, worker, flower."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import typer
+
+from broker.settings import Settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="tokenpool: a message-queue worker pool for local LLM inference.")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
+
+def redis_url_of(settings: Settings) -> str:
+    if not settings.redis_url:
+        raise typer.BadParameter("no Redis: set REDIS_URL (or run `tokenpool up`, which starts one)")
+    return settings.redis_url
+
+
+@cli.command()
+def up(log_level: str = typer.Option("INFO", help="log level")) -> None:
+    """Run everything on this machine: Redis (embedded unless REDIS_URL), workers, API, Flower."""
+    from cli.up import run_up
+
+    setup_logging(log_level)
+    run_up(Settings())
+
+
+@cli.command()
+def api(
+    host: str | None = typer.Option(None, help="bind address (default: settings api_host)"),
+    port: int | None = typer.Option(None, help="port (default: settings api_port)"),
+    log_level: str = typer.Option("INFO"),
+) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    from api.app import create_app
+
+    setup_logging(log_level)
+    settings = Settings()
+    app = create_app(settings, redis_url_of(settings))
+    uvicorn.run(app, host=host or settings.api_host, port=port or settings.api_port,
+                log_level=log_level.lower(), timeout_graceful_shutdown=5)
+
+
+@cli.command()
+def worker(
+    model: str = typer.Option(..., help="configured model name this worker serves"),
+    gpu: str = typer.Option("cpu", help="GPU index to pin to, or 'cpu'"),
+    log_level: str = typer.Option("INFO"),
+) -> None:
+    """A Celery worker holding one resident model, consuming that model's queue."""
+    from workers.gpu import pin
+
+    pin(gpu)  # before anything below can initialise CUDA
+    from broker.celery_app import make_celery
+    from broker.keys import Keys
+    from tasks.jobs import register
+    from workers.runtime import WorkerRuntime
+
+    setup_logging(log_level)
+    settings = Settings()
+    if model not in settings.models:
+        raise typer.BadParameter(f"no model {model!r}; configured: {sorted(settings.models)}")
+    url = redis_url_of(settings)
+    name = f"{model}-{gpu}-{os.getpid()}@{socket.gethostname()}"
+    app = make_celery(settings, url)
+    runtime = WorkerRuntime(settings, model, gpu, url, name)
+    register(app, runtime)
+    runtime.start()
+    try:
+        app.worker_main([
+            "worker", "-Q", Keys(settings.key_prefix).queue(model), "-P", "threads", "-c", "1",
+            "-n", name, "--loglevel", log_level, "--without-mingle", "--without-gossip", "-E",
+        ])
+    finally:
+        runtime.stop()
+
+
+@cli.command()
+def flower(
+    port: int | None = typer.Option(None), log_level: str = typer.Option("INFO")
+) -> None:
+    """Celery Flower for this app, behind basic auth (flower_user / flower_password)."""
+    from broker.celery_app import make_celery
+
+    setup_logging(log_level)
+    settings = Settings()
+    if not settings.flower_password:
+        raise typer.BadParameter("set TOKENPOOL_FLOWER_PASSWORD: Flower never runs without auth")
+    app = make_celery(settings, redis_url_of(settings))
+    app.start([
+        "flower", f"--port={port or settings.flower_port}", "--address=127.0.0.1",
+        f"--basic-auth={settings.flower_user}:{settings.flower_password}",
+    ])
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Start child processes, restart any that die, stop them all: used by `up`, tests and bench."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("tokenpool.up")
+
+
+def tokenpool_argv(*args: str) -> list[str]:
+    """Our own CLI, run by the same interpreter."""
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    def start(self, env: dict[str, str]) -> None:
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                self.argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT if out else None, start_new_session=True,
+            )
+        finally:
+            if out:
+                out.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.process is not None
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass
+class Supervisor:
+    env: dict[str, str]
+    log_dir: Path | None = None
+    children: list[Child] = field(default_factory=list)
+    restart_delay_s: float = 1.0
+
+    def add(self, name: str, argv: list[str]) -> Child:
+        log_path = self.log_dir / f"{name}.log" if self.log_dir else None
+        child = Child(name, argv, log_path)
+        self.children.append(child)
+        return child
+
+    def start(self) -> None:
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        for child in self.children:
+            child.start(self.env)
+            log.info("started %s (pid %s)", child.name, child.process and child.process.pid)
+
+    def restart_dead(self) -> list[str]:
+        """Restart every child that exited; returns their names."""
+        restarted = []
+        for child in self.children:
+            if child.process is not None and not child.alive():
+                code = child.process.returncode
+                time.sleep(self.restart_delay_s if child.restarts else 0)
+                child.restarts += 1
+                child.start(self.env)
+                log.warning("%s exited with %s; restarted (restart %d, pid %s)",
+                            child.name, code, child.restarts, child.process.pid)
+                restarted.append(child.name)
+        return restarted
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every child's process group, then SIGKILL what is left after `timeout_s`."""
+        for child in self.children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", child.name, timeout_s)
+            child.signal(signal.SIGKILL)
+            child.process.wait()

@@ -1,0 +1,57 @@
+"""`tokenpool up`: one command runs the whole system on one machine and stops it cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+from contextlib import ExitStack
+from types import FrameType
+
+from broker.redis_server import EmbeddedRedis, free_port
+from broker.settings import Settings
+from cli.supervisor import Supervisor, tokenpool_argv
+
+log = logging.getLogger("tokenpool.up")
+
+
+def plan(sup: Supervisor, settings: Settings, api_port: int, flower_port: int) -> None:
+    for name, spec in settings.models.items():
+        sup.add(f"worker-{name}", tokenpool_argv("worker", "--model", name, "--gpu", spec.gpu))
+    sup.add("api", tokenpool_argv("api", "--port", str(api_port)))
+    sup.add("flower", tokenpool_argv("flower", "--port", str(flower_port)))
+
+
+def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
+    stop = stop or threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("got %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    with ExitStack() as cleanup:
+        url = settings.redis_url
+        if not url:
+            server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
+            url = server.start().url
+            cleanup.callback(server.stop)
+        password = settings.flower_password or secrets.token_urlsafe(12)
+        api_port = free_port(settings.api_port, settings.api_host)
+        flower_port = free_port(settings.flower_port)
+        env = {**os.environ, "REDIS_URL": url, "TOKENPOOL_FLOWER_PASSWORD": password}
+        sup = Supervisor(env=env, log_dir=settings.data_dir / "logs")
+        plan(sup, settings, api_port, flower_port)
+        sup.start()
+        cleanup.callback(sup.stop)
+        print(f"redis   {url}", flush=True)
+        print(f"api     http://{settings.api_host}:{api_port}", flush=True)
+        print(f"flower  http://127.0.0.1:{flower_port}  (user {settings.flower_user}, "
+              f"password {password})", flush=True)
+        print(f"logs    {sup.log_dir}", flush=True)
+        while not stop.wait(0.5):
+            sup.restart_dead()
+    log.info("stopped")

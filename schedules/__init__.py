@@ -1,0 +1,1 @@
+"""Celery beat schedules and the periodic tasks they fire (none configured yet)."""

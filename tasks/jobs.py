@@ -1,0 +1,33 @@
+"""Celery tasks: thin adapters from a message (job id, model) to the worker's runtime."""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from celery import Celery
+from celery.exceptions import Reject
+
+from broker.celery_app import TASK_NAMES
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class Runs(Protocol):
+    def run(self, job_id: str, kind: str) -> str: ...
+
+
+def register(app: Celery, runtime: Runs) -> None:
+    """Define one task per job kind; arguments are ids only (Flower shows them, not prompts)."""
+    for kind, name in TASK_NAMES.items():
+        app.task(name=name, acks_late=True)(_adapter(kind, runtime))
+
+
+def _adapter(kind: str, runtime: Runs):  # type: ignore[no-untyped-def]
+    def run_job(job_id: str, model: str) -> dict[str, str]:
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            raise Reject(f"malformed job id {job_id!r}", requeue=False)
+        return {"job": job_id, "model": model, "status": runtime.run(job_id, kind)}
+
+    run_job.__name__ = run_job.__qualname__ = f"run_{kind}"
+    return run_job

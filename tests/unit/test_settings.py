@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from broker.keys import Keys, stream_id
+from broker.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("REDIS_URL", "TOKENPOOL_REDIS_URL", "TOKENPOOL_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_need_no_files_chat_and_summary_are_gemma_embed_is_minilm():
+    s = Settings()
+    assert set(s.models) == {"chat", "summary", "embed"}
+    assert s.models["chat"].source == s.models["summary"].source == "bundled:gemma3-270m"
+    assert s.models["embed"].kind == "embedding" and s.models["embed"].dimensions == 384
+    assert s.redis_url is None
+
+
+def test_redis_url_is_read_from_plain_redis_url(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://10.0.0.1:6380/2")
+    assert Settings().redis_url == "redis://10.0.0.1:6380/2"
+
+
+def test_a_nested_env_var_changes_one_model_and_keeps_the_others(monkeypatch):
+    monkeypatch.setenv("TOKENPOOL_MODELS__SUMMARY__N_CTX", "512")
+    s = Settings()
+    assert s.models["summary"].n_ctx == 512
+    assert s.models["summary"].source == "bundled:gemma3-270m"
+    assert set(s.models) == {"chat", "summary", "embed"}
+
+
+def test_a_config_file_adds_a_model_and_disables_one(tmp_path: Path, monkeypatch):
+    cfg = tmp_path / "tokenpool.toml"
+    cfg.write_text('key_prefix = "tp"\n[models.big]\nkind = "llm"\nsource = "/m/big.gguf"\n'
+                   'gpu = "1"\n[models.embed]\nenabled = false\n')
+    monkeypatch.setenv("TOKENPOOL_CONFIG", str(cfg))
+    s = Settings()
+    assert s.key_prefix == "tp"
+    assert set(s.models) == {"chat", "summary", "big"}
+    assert s.models["big"].gpu == "1"
+
+
+def test_a_bad_value_names_its_field(monkeypatch):
+    monkeypatch.setenv("TOKENPOOL_MODELS__CHAT__N_CTX", "-5")
+    with pytest.raises(ValidationError, match="n_ctx"):
+        Settings()
+
+
+def test_every_redis_name_carries_the_prefix():
+    k = Keys("tp")
+    assert k.events("j1") == "tp:job:j1:events"
+    assert k.channel("j1") == "tp:job:j1"
+    assert k.channel_pattern() == "tp:job:*"
+    assert k.queue("chat") == "tp.chat"
+    assert stream_id(7) == "7-1"

@@ -1,0 +1,45 @@
+"""The small interfaces a worker's resident model offers; real ones and fakes implement them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+class TextModel(Protocol):
+    """A llama.cpp-style model: tokens in, one sampled token's bytes out at a time."""
+
+    n_ctx: int
+
+    def tokenize(self, text: str, special: bool, add_bos: bool = True) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[bytes]:
+        """Evaluate `tokens`, then yield each sampled token's bytes until end of generation."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EmbeddingModel(Protocol):
+    dimensions: int
+
+    def embed(self, texts: list[str], normalize: bool) -> list[list[float]]: ...
+
+    def count_tokens(self, texts: list[str]) -> int: ...
+
+    def close(self) -> None: ...

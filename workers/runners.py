@@ -1,0 +1,115 @@
+"""Runners: one job on the resident model, its events through the writer, its outcome returned."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.messages import EmbedJob, GenerateJob, SummarizeJob
+from broker.prompts import Prompt, render_generate, render_summary
+from broker.settings import ModelSpec
+from workers.engine import EmbeddingModel, Sampling, TextModel
+from workers.summarize import Budget, map_reduce, summary_instruction
+from workers.textgen import Generation, stream_text
+from workers.writer import EventWriter
+
+CANCEL_CHECK_EVERY = 8  # tokens between cancel checks where no events are written
+
+
+class ContextOverflow(ValueError):
+    pass
+
+
+@dataclass
+class Outcome:
+    result: dict[str, Any]
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+def sampling_of(job: GenerateJob, stop: tuple[str, ...]) -> Sampling:
+    return Sampling(
+        max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
+        top_k=job.top_k, min_p=job.min_p, repeat_penalty=job.repeat_penalty,
+        seed=job.seed, stop=stop,
+    )
+
+
+def prompt_tokens(model: TextModel, prompt: Prompt) -> list[int]:
+    tokens = model.tokenize(prompt.text, prompt.special)
+    if len(tokens) >= model.n_ctx:
+        raise ContextOverflow(f"prompt is {len(tokens)} tokens; the context is {model.n_ctx}")
+    return tokens
+
+
+def run_generate(
+    job: GenerateJob, model: TextModel, spec: ModelSpec, out: EventWriter
+) -> Outcome:
+    prompt = render_generate(job, spec.chat_format)
+    tokens = prompt_tokens(model, prompt)
+    gen = Generation(prompt_tokens=len(tokens))
+    pieces = []
+    for piece in stream_text(model, tokens, sampling_of(job, prompt.stop), gen):
+        pieces.append(piece)
+        out.token(piece)
+    return Outcome(
+        result={"text": "".join(pieces), "finish_reason": gen.finish_reason},
+        usage={"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},
+    )
+
+
+class _SummaryCalls:
+    """One summary call on the model; the final one streams tokens, map calls stay silent."""
+
+    def __init__(self, job: SummarizeJob, model: TextModel, spec: ModelSpec, out: EventWriter):
+        self.job, self.model, self.spec, self.out = job, model, spec, out
+        self.instruction = summary_instruction(job.instructions)
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+
+    def overhead_tokens(self) -> int:
+        prompt = render_summary(self.instruction, "", self.spec.chat_format)
+        return len(self.model.tokenize(prompt.text, prompt.special)) + 8
+
+    def __call__(self, text: str, max_tokens: int, final: bool) -> str:
+        prompt = render_summary(self.instruction, text, self.spec.chat_format)
+        tokens = prompt_tokens(self.model, prompt)
+        sampling = Sampling(max_tokens=max_tokens, temperature=self.job.temperature,
+                            seed=self.job.seed, stop=prompt.stop)
+        gen = Generation(prompt_tokens=len(tokens))
+        pieces = []
+        for piece in stream_text(self.model, tokens, sampling, gen):
+            pieces.append(piece)
+            if final:
+                self.out.token(piece)
+            elif gen.completion_tokens % CANCEL_CHECK_EVERY == 0:
+                self.out.check_cancel()
+        self.usage["prompt_tokens"] += gen.prompt_tokens
+        self.usage["completion_tokens"] += gen.completion_tokens
+        return "".join(pieces)
+
+
+def run_summarize(
+    job: SummarizeJob, model: TextModel, spec: ModelSpec, out: EventWriter, overlap: int
+) -> Outcome:
+    calls = _SummaryCalls(job, model, spec, out)
+    budget = Budget(n_ctx=model.n_ctx, prompt_overhead=calls.overhead_tokens(),
+                    max_tokens=job.max_tokens)
+    summary, parts = map_reduce(
+        job, budget, overlap,
+        tokenize=lambda text: model.tokenize(text, False, add_bos=False),
+        detokenize=model.detokenize,
+        summarize_once=calls,
+        on_stage=out.stage,
+    )
+    return Outcome(result={"summary": summary, "parts": parts}, usage=calls.usage)
+
+
+def run_embed(job: EmbedJob, model: EmbeddingModel, out: EventWriter) -> Outcome:
+    del out  # an embedding is one step: started, then done
+    vectors = model.embed(list(job.texts), job.normalize)
+    return Outcome(result={"embeddings": vectors, "dimensions": model.dimensions},
+                   usage={"prompt_tokens": model.count_tokens(list(job.texts)),
+                          "completion_tokens": 0})
+
+
+Runner = Callable[..., Outcome]

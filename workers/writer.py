@@ -1,0 +1,68 @@
+"""A running job's events: tokens and stages out, cancel requests in, one final event at the end."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from broker.messages import Cancelled, Done, Event, Stage, TokenEvent
+from broker.store import JobStore
+
+
+class JobCancelled(Exception):
+    """The job's cancel was requested; the runner stops where it is."""
+
+
+class JobGone(Exception):
+    """The job already ended (or expired) elsewhere; nothing more may be written."""
+
+
+class EventWriter:
+    def __init__(self, store: JobStore, job_id: str, created_at: float, started_at: float) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.created_at = created_at
+        self.started_at = started_at
+        self.first_token_at: float | None = None
+
+    def _append(self, event: Event) -> None:
+        appended = self.store.append(self.job_id, event)
+        if appended.refused:
+            raise JobGone(self.job_id)
+        if appended.cancel_requested:
+            raise JobCancelled(self.job_id)
+
+    def token(self, text: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
+        self._append(TokenEvent(job=self.job_id, text=text))
+
+    def stage(self, stage: str, part: int | None, parts: int | None) -> None:
+        self._append(Stage(job=self.job_id, stage=stage, part=part, parts=parts))  # type: ignore[arg-type]
+
+    def check_cancel(self) -> None:
+        """For stretches that write no events (summary map stages)."""
+        if self.store.redis.hget(self.store.args.keys.job(self.job_id), "cancel") == b"1":
+            raise JobCancelled(self.job_id)
+
+    def timings(self, completion_tokens: int) -> dict[str, float]:
+        now = time.time()
+        first = self.first_token_at
+        decode_s = now - first if first is not None else 0.0
+        rate = (completion_tokens - 1) / decode_s if completion_tokens > 1 and decode_s > 0 else 0.0
+        return {
+            "queued_s": round(self.started_at - self.created_at, 4),
+            "ttft_s": round(first - self.started_at, 4) if first is not None else 0.0,
+            "total_s": round(now - self.started_at, 4),
+            "tokens_per_s": round(rate, 2),
+        }
+
+    def succeed(self, result: dict[str, Any], usage: dict[str, int]) -> None:
+        timings = self.timings(usage.get("completion_tokens", 0))
+        done = Done(job=self.job_id, usage=usage, timings=timings)
+        self.store.finish(
+            self.job_id, done, "succeeded", result=result, usage=usage, timings=timings
+        )
+
+    def cancelled(self) -> None:
+        self.store.finish(self.job_id, Cancelled(job=self.job_id), "cancelled")
