@@ -133,9 +133,10 @@ async def cancel_job(request: Request) -> JSONResponse:
         body = {"id": job_id, "status": "running", "cancelled": True,
                 "detail": "cancel requested; the job stops within one token"}
         return JSONResponse(body, 202)
-    assert outcome in FINAL_STATUSES
-    return JSONResponse({"id": job_id, "status": outcome, "cancelled": False,
-                         "detail": f"job already {outcome}; nothing to cancel"})
+    ended = outcome.removeprefix("ended:")
+    assert ended in FINAL_STATUSES
+    return JSONResponse({"id": job_id, "status": ended, "cancelled": False,
+                         "detail": f"job already {ended}; nothing to cancel"})
 
 
 def after_seq(request: Request) -> int:

@@ -81,7 +81,7 @@ return seq
 _CANCEL = _APPEND_FN + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
-if FINAL[st] then return st end
+if FINAL[st] then return 'ended:' .. st end
 if st == 'queued' then
   append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[5])
@@ -228,6 +228,6 @@ class AsyncJobStore:
         return int(await self._finish(keys=keys, args=args))
 
     async def cancel(self, job_id: str) -> str:
-        """`cancelled` (was queued), `cancelling` (running), a final status, or `missing`."""
+        """`cancelled` (was queued), `cancelling` (running), `ended:<status>`, or `missing`."""
         reply = await self._cancel(keys=self.args.job_keys(job_id), args=self.args.cancel(job_id))
         return reply.decode() if isinstance(reply, bytes) else str(reply)
