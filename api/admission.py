@@ -39,7 +39,9 @@ def model_for(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) ->
     spec = settings.models.get(job.model)
     if spec is None:
         known = ", ".join(sorted(settings.models))
-        raise ApiError(400, "unknown_model", f"no model {job.model!r}; configured: {known}", "model")
+        raise ApiError(
+            400, "unknown_model", f"no model {job.model!r}; configured: {known}", "model"
+        )
     if MODEL_KIND_OF_JOB[job.kind] != spec.kind:
         raise ApiError(
             400, "wrong_model_kind",

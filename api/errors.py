@@ -1,4 +1,4 @@
-"""The contract's error body: {"error": {"type", "message", "field"}}, always a 4xx for bad input."""
+"""The contract's error body: {"error": {"type", "message", "field"}}; a 4xx for bad input."""
 
 from __future__ import annotations
 

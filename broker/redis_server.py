@@ -62,7 +62,8 @@ class EmbeddedRedis:
     def command(self) -> list[str]:
         return [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir.resolve()), "--appendonly", "yes" if self.appendonly else "no",
+            "--dir", str(self.data_dir.resolve()),
+            "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
             "--protected-mode", "yes", "--logfile", "redis.log",
         ]

@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 
 from broker.keys import Keys
-from broker.messages import Cancelled, Event, ErrorEvent, ErrorInfo, Queued
+from broker.messages import Cancelled, ErrorEvent, ErrorInfo, Event, Queued
 from broker.settings import Settings
 
 _APPEND_FN = """
@@ -166,7 +166,8 @@ class _Args:
     def fail(self, job_id: str, error_type: str, message: str) -> tuple[list[str], list[Any]]:
         info = ErrorInfo(type=error_type, message=message)
         event = ErrorEvent(job=job_id, error=info)
-        return self.job_keys(job_id), self.finish(job_id, event, "failed", {"error": info.model_dump()})
+        args = self.finish(job_id, event, "failed", {"error": info.model_dump()})
+        return self.job_keys(job_id), args
 
     def cancel(self, job_id: str) -> list[Any]:
         return [*self.event(job_id, Cancelled(job=job_id)), self.ttl_s, repr(time.time())]
@@ -187,10 +188,12 @@ class JobStore:
 
     def start(self, job_id: str, worker: str) -> int:
         """Mark the job running; the attempt number, or -1 if it ended (e.g. cancelled) already."""
-        return int(self._start(keys=[self.args.keys.job(job_id)], args=[worker, repr(time.time())]))
+        args = [worker, repr(time.time())]
+        return int(self._start(keys=[self.args.keys.job(job_id)], args=args))
 
     def append(self, job_id: str, event: Event) -> Appended:
-        seq, flag = self._append(keys=self.args.job_keys(job_id), args=self.args.event(job_id, event))
+        keys, args = self.args.job_keys(job_id), self.args.event(job_id, event)
+        seq, flag = self._append(keys=keys, args=args)
         return Appended(seq=int(seq), cancel_requested=flag == 1, refused=flag == 2)
 
     def finish(self, job_id: str, event: Event, status: str, **fields: Any) -> int:

@@ -21,7 +21,7 @@ def setup_logging(level: str) -> None:
 
 def redis_url_of(settings: Settings) -> str:
     if not settings.redis_url:
-        raise typer.BadParameter("no Redis: set REDIS_URL (or run `tokenpool up`, which starts one)")
+        raise typer.BadParameter("no Redis: set REDIS_URL, or run `tokenpool up` (starts one)")
     return settings.redis_url
 
 
@@ -88,7 +88,9 @@ def worker(
 
 @cli.command()
 def flower(
-    port: int | None = typer.Option(None), log_level: str = typer.Option("INFO")
+    port: int | None = typer.Option(None),
+    address: str = typer.Option("127.0.0.1", help="bind address"),
+    log_level: str = typer.Option("INFO"),
 ) -> None:
     """Celery Flower for this app, behind basic auth (flower_user / flower_password)."""
     from broker.celery_app import make_celery
@@ -99,7 +101,7 @@ def flower(
         raise typer.BadParameter("set TOKENPOOL_FLOWER_PASSWORD: Flower never runs without auth")
     app = make_celery(settings, redis_url_of(settings))
     app.start([
-        "flower", f"--port={port or settings.flower_port}", "--address=127.0.0.1",
+        "flower", f"--port={port or settings.flower_port}", f"--address={address}",
         f"--basic-auth={settings.flower_user}:{settings.flower_password}",
     ])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -44,10 +45,8 @@ class Child:
     def signal(self, sig: int) -> None:
         if self.alive():
             assert self.process is not None
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
 
 
 @dataclass

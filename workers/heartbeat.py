@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -46,7 +47,5 @@ class Heartbeat:
 
     def stop(self, name: str) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(redis.RedisError):
             remove_heartbeat(self.client, self.keys, name)
-        except redis.RedisError:
-            pass

@@ -1,4 +1,4 @@
-"""Turn a model's sampled token bytes into text pieces: UTF-8 across tokens, stop strings, limits."""
+"""A model's sampled token bytes to text pieces: UTF-8 across tokens, stop strings, limits."""
 
 from __future__ import annotations
 

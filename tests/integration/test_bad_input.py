@@ -69,8 +69,12 @@ def test_an_oversized_body_without_content_length_is_a_413(stack):
     assert reply.status_code == 413
 
 
-@pytest.mark.parametrize("path", ["/v1/jobs/0123456789abcdef0123456789abcdef",
-                                  "/v1/jobs/not-an-id", "/v1/jobs/0123456789abcdef0123456789abcdef/events"])
+UNKNOWN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "path", [f"/v1/jobs/{UNKNOWN}", "/v1/jobs/not-an-id", f"/v1/jobs/{UNKNOWN}/events"]
+)
 def test_an_unknown_job_is_a_404(stack, path):
     reply = stack.http.get(path)
     assert reply.status_code == 404 and reply.json()["error"]["type"] == "not_found"

@@ -43,5 +43,7 @@ def test_a_system_message_folds_into_the_first_user_turn_for_gemma():
     msgs = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
     assert fold_system(msgs) == [{"role": "user", "content": "Be brief.\n\nHi"}]
     prompt = render_chat(msgs, "gemma")
-    assert prompt.text == "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert prompt.text == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
     assert prompt.special and prompt.stop == ("<end_of_turn>\n",)

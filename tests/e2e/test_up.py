@@ -1,0 +1,74 @@
+"""`tokenpool up` as a user runs it: embedded Redis, workers, API, Flower; Ctrl-C stops them all."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import httpx
+import psutil
+import pytest
+
+from broker.redis_server import free_port
+from tests.conftest import stack_env
+
+
+@pytest.fixture
+def up(tmp_path, config_file):
+    ports = {name: str(free_port()) for name in ("API_PORT", "FLOWER_PORT", "EMBEDDED_REDIS_PORT")}
+    env = stack_env("", config_file, **{f"TOKENPOOL_{k}": v for k, v in ports.items()},
+                    TOKENPOOL_DATA_DIR=str(tmp_path / "data"), TOKENPOOL_FLOWER_PASSWORD="s3cret")
+    del env["REDIS_URL"]
+    proc = subprocess.Popen(["tokenpool", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    yield proc, ports
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc.stdout.close()
+
+
+def read_urls(proc, timeout_s=30):
+    urls, deadline = {}, time.monotonic() + timeout_s
+    while len(urls) < 3 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        match = re.match(r"^(redis|api|flower)\s+(\S+)", line)
+        if match:
+            urls[match[1]] = match[2]
+    return urls
+
+
+def wait_status(url, status, timeout_s=180, **kw):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5, **kw).status_code == status:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} never answered {status}"
+        time.sleep(0.5)
+
+
+def test_up_runs_the_system_and_ctrl_c_leaves_no_process_behind(up):
+    proc, ports = up
+    urls = read_urls(proc)
+    assert urls["api"] == f"http://127.0.0.1:{ports['API_PORT']}"
+    assert urls["redis"] == f"redis://127.0.0.1:{ports['EMBEDDED_REDIS_PORT']}/0"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 6  # redis-server, three workers, API, Flower
+    wait_status(f"{urls['api']}/ready", 200)
+    with httpx.Client(base_url=urls["api"], timeout=30) as http:
+        job = http.post("/v1/jobs", json={"kind": "generate", "prompt": "Hi", "max_tokens": 4})
+        events = http.get(job.json()["links"]["events"]).text
+        assert "event: done" in events
+    wait_status(urls["flower"], 401, timeout_s=30)
+    wait_status(f"{urls['flower']}/workers", 200, timeout_s=10, auth=("admin", "s3cret"))
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    time.sleep(0.5)
+    assert [c.pid for c in children if c.is_running() and c.status() != "zombie"] == []
