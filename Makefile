@@ -1,0 +1,30 @@
+# The two commands for a fresh machine:
+#   make up     install, then run the whole system on its embedded defaults
+#   make test   install, then run the linters and every test
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU hosts: this takes the CPU build of torch (from local disk here). On a GPU host use
+# `make TORCH=torch ...` to get the CUDA build, and CMAKE_ARGS=-DGGML_CUDA=on for llama.cpp.
+TORCH ?= torch==2.13.0
+
+.PHONY: install up test bench
+install: $(VENV)/.installed
+
+# llama-cpp-python builds from source once (about 4 minutes on 2 cores); pip caches the wheel.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+up: install
+	$(BIN)/tokenpool up
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m bench.overhead
