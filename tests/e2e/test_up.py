@@ -6,7 +6,9 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -22,7 +24,9 @@ def up(tmp_path, config_file):
     env = stack_env("", config_file, **{f"TOKENPOOL_{k}": v for k, v in ports.items()},
                     TOKENPOOL_DATA_DIR=str(tmp_path / "data"), TOKENPOOL_FLOWER_PASSWORD="s3cret")
     del env["REDIS_URL"]
-    proc = subprocess.Popen(["tokenpool", "up"], env=env, stdout=subprocess.PIPE,
+    # The console script pip installed beside this interpreter: the command the README runs.
+    tokenpool = str(Path(sys.executable).parent / "tokenpool")
+    proc = subprocess.Popen([tokenpool, "up"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     yield proc, ports
     if proc.poll() is None:
