@@ -19,10 +19,26 @@ class StreamedEvent:
     data: str  # the event JSON exactly as stored
 
 
-def parse_entry(fields: dict[bytes, bytes]) -> StreamedEvent:
+TYPE_KEY = '"type":"'
+
+
+def event_type(data: str) -> str:
+    """The event's type without parsing it all: a follower wakes for every token.
+
+    Events are compact JSON with `job` and `ts` before `type` and any user text after it, so
+    the first `"type":"` is the key itself (quotes inside text are escaped).
+    """
+    start = data.find(TYPE_KEY)
+    if start < 0:
+        return str(json.loads(data)["type"])
+    start += len(TYPE_KEY)
+    return data[start : data.index('"', start)]
+
+
+def parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamedEvent:
+    """An entry `<seq>-1` of a job's stream."""
     data = fields[b"event"].decode()
-    event = json.loads(data)
-    return StreamedEvent(seq=int(event["seq"]), type=str(event["type"]), data=data)
+    return StreamedEvent(seq=int(entry_id.split(b"-", 1)[0]), type=event_type(data), data=data)
 
 
 async def follow(
@@ -41,7 +57,7 @@ async def follow(
             continue
         for entry_id, fields in reply[0][1]:
             last = entry_id
-            event = parse_entry(fields)
+            event = parse_entry(entry_id, fields)
             yield event
             if event.type in FINAL_TYPES:
                 return

@@ -58,3 +58,4 @@ def test_every_redis_name_carries_the_prefix():
     assert k.channel_pattern() == "tp:job:*"
     assert k.queue("chat") == "tp.chat"
     assert stream_id(7) == "7-1"
+
