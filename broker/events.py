@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 
 from broker.keys import Keys, stream_id
 from broker.messages import FINAL_TYPES
+
+# XREAD's reply: [(stream, [(entry id, {field: value})])]
+XReadReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,11 @@ async def follow(
     Ends after the final event (done, error or cancelled).
     """
     stream = keys.events(job_id)
-    last = stream_id(after_seq) if after_seq >= 0 else "0-0"
+    last: str | bytes = stream_id(after_seq) if after_seq >= 0 else "0-0"
     while True:
-        reply = await client.xread({stream: last}, count=512, block=int(block_s * 1000))
+        reply = cast(XReadReply, await client.xread(
+            {stream: last}, count=512, block=int(block_s * 1000)
+        ))
         if not reply:
             yield None
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -29,7 +29,7 @@ async def live_workers(client: aioredis.Redis, keys: Keys, ttl_s: float) -> list
     """Workers heard from within `ttl_s`; older entries are swept from the index."""
     cutoff = time.time() - ttl_s
     await client.zremrangebyscore(keys.workers(), "-inf", cutoff)
-    names = await client.zrange(keys.workers(), 0, -1)
+    names = cast(list[bytes], await client.zrange(keys.workers(), 0, -1))
     if not names:
         return []
     beats = await client.mget([keys.worker(n.decode()) for n in names])

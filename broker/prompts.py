@@ -29,7 +29,7 @@ def chat_formatter(name: str) -> Callable[..., Any]:
     for candidate in (name.replace("-", "_"), name.replace("-", "")):
         found = getattr(llama_chat_format, f"format_{candidate}", None)
         if found is not None:
-            return found  # type: ignore[no-any-return]
+            return found
     raise ValueError(f"unknown chat_format {name!r}")
 
 

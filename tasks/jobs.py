@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Protocol
 
 from celery import Celery
@@ -23,7 +24,7 @@ def register(app: Celery, runtime: Runs) -> None:
         app.task(name=name, acks_late=True)(_adapter(kind, runtime))
 
 
-def _adapter(kind: str, runtime: Runs):  # type: ignore[no-untyped-def]
+def _adapter(kind: str, runtime: Runs) -> Callable[[str, str], dict[str, str]]:
     def run_job(job_id: str, model: str) -> dict[str, str]:
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             raise Reject(f"malformed job id {job_id!r}", requeue=False)

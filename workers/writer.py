@@ -38,7 +38,7 @@ class EventWriter:
         self._append(TokenEvent(job=self.job_id, text=text))
 
     def stage(self, stage: str, part: int | None, parts: int | None) -> None:
-        self._append(Stage(job=self.job_id, stage=stage, part=part, parts=parts))  # type: ignore[arg-type]
+        self._append(Stage(job=self.job_id, stage=stage, part=part, parts=parts))
 
     def check_cancel(self) -> None:
         """For stretches that write no events (summary map stages)."""

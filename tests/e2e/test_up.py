@@ -57,6 +57,19 @@ def wait_status(url, status, timeout_s=180, **kw):
         time.sleep(0.5)
 
 
+def chat_workers(pid):
+    """Live `tokenpool worker --model chat` processes under `pid` (zombies left out)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            argv = child.cmdline()
+        except psutil.Error:
+            continue
+        if "worker" in argv and "chat" in argv:
+            found.append(child)
+    return found
+
+
 def test_up_runs_the_system_and_ctrl_c_leaves_no_process_behind(up):
     proc, ports = up
     urls = read_urls(proc)
@@ -72,7 +85,21 @@ def test_up_runs_the_system_and_ctrl_c_leaves_no_process_behind(up):
     wait_status(urls["flower"], 401, timeout_s=30)
     wait_status(f"{urls['flower']}/workers", 200, timeout_s=10, auth=("admin", "s3cret"))
 
+    # A worker that dies is restarted, and the restart is logged.
+    (chat,) = chat_workers(proc.pid)
+    chat.kill()
+    deadline = time.monotonic() + 30
+    while not [c for c in chat_workers(proc.pid) if c.pid != chat.pid]:
+        assert time.monotonic() < deadline, "the chat worker was not restarted"
+        time.sleep(0.2)
+    wait_status(f"{urls['api']}/ready", 200, timeout_s=60)
+    with httpx.Client(base_url=urls["api"], timeout=30) as http:
+        job = http.post("/v1/jobs", json={"kind": "generate", "prompt": "Hi", "max_tokens": 4})
+        assert "event: done" in http.get(job.json()["links"]["events"]).text
+    children = psutil.Process(proc.pid).children(recursive=True)
+
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
+    assert "worker-chat exited with -9; restarted" in proc.stdout.read()
     time.sleep(0.5)
     assert [c.pid for c in children if c.is_running() and c.status() != "zombie"] == []
