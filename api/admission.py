@@ -72,8 +72,12 @@ def check_limits(job: GenerateJob | SummarizeJob | EmbedJob, spec: ModelSpec) ->
 
 async def check_context(job: GenerateJob, spec: ModelSpec, vocab: Vocabularies) -> int:
     """The prompt's length in tokens; an error if it leaves no room in the context."""
-    prompt = render_generate(job, spec.chat_format)
-    n = await anyio.to_thread.run_sync(vocab.count, spec, prompt.text, prompt.special)
+    try:
+        prompt = render_generate(job, spec.chat_format)
+        n = await anyio.to_thread.run_sync(vocab.count, spec, prompt.text, prompt.special)
+    except (OSError, ValueError) as exc:  # a misconfigured source or chat_format
+        raise ApiError(503, "model_unavailable",
+                       f"model {job.model!r} can't be loaded here: {type(exc).__name__}") from None
     if n >= spec.n_ctx:
         field = "prompt" if job.prompt is not None else "messages"
         raise ApiError(400, "context_length_exceeded",

@@ -34,6 +34,11 @@ async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     return ApiError(503, "unavailable", "the job store is unavailable; retry later").response()
 
 
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return ApiError(500, "internal_error", "unexpected error; see the API log").response()
+
+
 def create_app(settings: Settings, redis_url: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -56,5 +61,6 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
             ApiError: api_error_handler,
             HTTPException: http_error,
             aioredis.RedisError: redis_down,
+            Exception: internal_error,
         },
     )

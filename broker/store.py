@@ -186,6 +186,9 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         return _read_record(self.redis.hgetall(self.args.keys.job(job_id)))
 
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self.args.keys.job(job_id), "cancel") == b"1"
+
     def start(self, job_id: str, worker: str) -> int:
         """Mark the job running; the attempt number, or -1 if it ended (e.g. cancelled) already."""
         args = [worker, repr(time.time())]

@@ -42,7 +42,7 @@ class EventWriter:
 
     def check_cancel(self) -> None:
         """For stretches that write no events (summary map stages)."""
-        if self.store.redis.hget(self.store.args.keys.job(self.job_id), "cancel") == b"1":
+        if self.store.cancel_requested(self.job_id):
             raise JobCancelled(self.job_id)
 
     def timings(self, completion_tokens: int) -> dict[str, float]:

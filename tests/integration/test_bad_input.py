@@ -100,3 +100,19 @@ def test_an_unknown_route_and_a_wrong_method_are_json_errors(stack):
     assert stack.http.get("/v2/nothing").json()["error"]["type"] == "not_found"
     reply = stack.http.put("/v1/jobs")
     assert reply.status_code == 405 and reply.json()["error"]["type"] == "method_not_allowed"
+
+
+def test_a_model_whose_file_is_missing_is_a_503_not_a_500(redis_server, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from api.app import create_app
+    from broker.settings import Settings
+
+    monkeypatch.setenv("TOKENPOOL_MODELS__GHOST__KIND", "llm")
+    monkeypatch.setenv("TOKENPOOL_MODELS__GHOST__SOURCE", "/nowhere/ghost.gguf")
+    monkeypatch.delenv("TOKENPOOL_CONFIG", raising=False)
+    with TestClient(create_app(Settings(key_prefix="tpghost"), redis_server.url)) as client:
+        reply = client.post("/v1/jobs", json={"kind": "generate", "model": "ghost", "prompt": "x"})
+    assert reply.status_code == 503
+    assert reply.json()["error"]["type"] == "model_unavailable"
+    assert "/nowhere" not in reply.text
