@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,5 +110,3 @@ def run_embed(job: EmbedJob, model: EmbeddingModel, out: EventWriter) -> Outcome
                    usage={"prompt_tokens": model.count_tokens(list(job.texts)),
                           "completion_tokens": 0})
 
-
-Runner = Callable[..., Outcome]

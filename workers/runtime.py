@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import redis
-from pydantic import ValidationError
 
 from broker.keys import Keys
 from broker.messages import JOB_REQUEST, MODEL_KIND_OF_JOB, EmbedJob, GenerateJob, Started
@@ -152,6 +151,4 @@ _ERROR_TYPES = {
 
 
 def _error_type(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        return "invalid_request"
     return _ERROR_TYPES.get(type(exc).__name__, "worker_error")
