@@ -12,6 +12,7 @@ from types import FrameType
 
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
+from broker.sources import BUNDLED, resolve
 from cli.supervisor import Supervisor, tokenpool_argv
 
 log = logging.getLogger("tokenpool.up")
@@ -22,6 +23,12 @@ def plan(sup: Supervisor, settings: Settings, api_port: int, flower_port: int) -
         sup.add(f"worker-{name}", tokenpool_argv("worker", "--model", name, "--gpu", spec.gpu))
     sup.add("api", tokenpool_argv("api", "--port", str(api_port)))
     sup.add("flower", tokenpool_argv("flower", "--port", str(flower_port)))
+
+
+def prepare_bundled(settings: Settings) -> None:
+    """Materialise each bundled model once, before the workers and the API all reach for it."""
+    for source in sorted({spec.source for spec in settings.models.values()} & set(BUNDLED)):
+        resolve(source, settings.cache_dir)
 
 
 def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
@@ -39,6 +46,7 @@ def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
             server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
             url = server.start().url
             cleanup.callback(server.stop)
+        prepare_bundled(settings)
         password = settings.flower_password or secrets.token_urlsafe(12)
         api_port = free_port(settings.api_port, settings.api_host)
         flower_port = free_port(settings.flower_port)

@@ -59,3 +59,14 @@ def test_every_redis_name_carries_the_prefix():
     assert k.queue("chat") == "tp.chat"
     assert stream_id(7) == "7-1"
 
+
+
+def test_up_materialises_each_bundled_model_once_and_leaves_paths_alone(monkeypatch, tmp_path):
+    import cli.up
+
+    calls = []
+    monkeypatch.setattr(cli.up, "resolve", lambda source, cache: calls.append(source))
+    monkeypatch.setenv("TOKENPOOL_MODELS__BIG__KIND", "llm")
+    monkeypatch.setenv("TOKENPOOL_MODELS__BIG__SOURCE", str(tmp_path / "missing.gguf"))
+    cli.up.prepare_bundled(Settings())
+    assert calls == ["bundled:all-minilm-l6-v2", "bundled:gemma3-270m"]
