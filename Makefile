@@ -1,6 +1,7 @@
 # The two commands for a fresh machine:
 #   make up     install, then run the whole system on its embedded defaults
-#   make test   install, then run the linters and every test
+#   make test   install, then run the linters and every test (what CI runs)
+# and, while developing: make test-fast (skips the tests marked slow: load and long chaos runs)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 # `make TORCH=torch ...` to get the CUDA build, and CMAKE_ARGS=-DGGML_CUDA=on for llama.cpp.
 TORCH ?= torch==2.13.0
 
-.PHONY: install up test bench
+.PHONY: install up test test-fast bench
 install: $(VENV)/.installed
 
 # llama-cpp-python builds from source once (about 4 minutes on 2 cores); pip caches the wheel.
@@ -26,6 +27,11 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: install
 	$(BIN)/python -m bench.overhead

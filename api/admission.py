@@ -70,6 +70,17 @@ def check_limits(job: GenerateJob | SummarizeJob | EmbedJob, spec: ModelSpec) ->
                        f"{spec.max_tokens}", "max_tokens")
 
 
+def check_timeout(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) -> None:
+    if job.timeout_s is not None and job.timeout_s > settings.max_job_timeout_s:
+        raise ApiError(422, "timeout_too_large", f"timeout_s {job.timeout_s:g} is over the cap "
+                       f"of {settings.max_job_timeout_s:g}", "timeout_s")
+
+
+def timeout_of(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) -> float:
+    """The job's run-time limit: its own timeout_s, else the configured default."""
+    return job.timeout_s if job.timeout_s is not None else settings.job_timeout_s
+
+
 async def check_context(job: GenerateJob, spec: ModelSpec, vocab: Vocabularies) -> int:
     """The prompt's length in tokens; an error if it leaves no room in the context."""
     try:
@@ -90,5 +101,6 @@ async def admit(
 ) -> None:
     spec = model_for(job, settings)
     check_limits(job, spec)
+    check_timeout(job, settings)
     if isinstance(job, GenerateJob):
         await check_context(job, spec, vocab)

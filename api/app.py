@@ -12,10 +12,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from api import jobs, ops
+from api import deadletters, jobs, ops
 from api.admission import Vocabularies
 from api.errors import ApiError, api_error_handler
 from broker.celery_app import make_celery
+from broker.connection import API_SPARE_CONNECTIONS, api_redis
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.store import AsyncJobStore
@@ -42,7 +43,10 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 def create_app(settings: Settings, redis_url: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(redis_url, health_check_interval=30)
+        client = api_redis(
+            redis_url, settings.max_sse_followers + API_SPARE_CONNECTIONS
+        )
+        app.state.followers = 0
         app.state.settings = settings
         app.state.keys = Keys(settings.key_prefix)
         app.state.redis = client
@@ -55,7 +59,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
             await client.aclose()
 
     return Starlette(
-        routes=[*ops.routes, *jobs.routes],
+        routes=[*ops.routes, *jobs.routes, *deadletters.routes],
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

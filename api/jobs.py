@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -16,17 +17,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from api.admission import admit
+from api.admission import admit, timeout_of
 from api.errors import ApiError, from_validation, not_found
 from api.sse import event_stream
-from broker.celery_app import TASK_NAMES, celery_priority
-from broker.messages import FINAL_STATUSES, JOB_REQUEST
+from broker.celery_app import send_job
+from broker.messages import FINAL_STATUSES, JOB_REQUEST, JobRequest
 
 log = logging.getLogger("tokenpool.api")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 PUBLIC_FIELDS = ("id", "kind", "model", "status", "created_at", "started_at", "finished_at",
-                 "worker", "attempts", "result", "error", "usage", "timings")
+                 "worker", "attempts", "result", "error", "usage", "timings", "timeout_s",
+                 "requeued_from")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -75,16 +77,30 @@ async def submit(request: Request) -> JSONResponse:
     if idem_key is not None and not IDEMPOTENCY_KEY.match(idem_key):
         raise ApiError(400, "invalid_header", "Idempotency-Key must be 1-200 visible ASCII "
                        "characters", "Idempotency-Key")
+    return await create_and_enqueue(state, job, idem_key)
+
+
+async def create_and_enqueue(
+    state: Any, job: JobRequest, idem_key: str | None = None, **extra: str
+) -> JSONResponse:
+    """Store a queued job and send its first delivery: 202, or the earlier job of the key."""
     request_json = job.model_dump(mode="json")
     fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
     record = {"kind": job.kind, "model": job.model, "created_at": repr(time.time()),
-              "request": request_json, "fingerprint": fingerprint}
+              "request": request_json, "fingerprint": fingerprint,
+              "timeout_s": repr(timeout_of(job, state.settings)), **extra}
     job_id, created = await state.store.create(uuid.uuid4().hex, record, idem_key)
     if not created:
         return await _replayed(state, job_id, fingerprint)
-    await _enqueue(state, job_id, job.kind, job.model, job.priority)
+    try:
+        await enqueue(state, job_id, job.kind, job.model, job.priority)
+    except ApiError:
+        if idem_key:  # a retry with the same key must get a new job, not this failed one
+            await state.redis.delete(state.keys.idempotency(idem_key))
+        raise
     log.info("job %s: queued %s on %s", job_id, job.kind, job.model)
-    return JSONResponse({"id": job_id, "status": "queued", "links": links(job_id)}, 202)
+    body = {"id": job_id, "status": "queued", "links": links(job_id), **extra}
+    return JSONResponse(body, 202)
 
 
 async def _replayed(state: Any, job_id: str, fingerprint: str) -> JSONResponse:
@@ -99,13 +115,9 @@ async def _replayed(state: Any, job_id: str, fingerprint: str) -> JSONResponse:
     return JSONResponse(body, 202, headers={"Idempotent-Replayed": "true"})
 
 
-async def _enqueue(state: Any, job_id: str, kind: str, model: str, priority: int) -> None:
-    def send() -> None:
-        state.celery.send_task(
-            TASK_NAMES[kind], args=[job_id, model], task_id=job_id,
-            queue=state.keys.queue(model), priority=celery_priority(priority),
-        )
-
+async def enqueue(state: Any, job_id: str, kind: str, model: str, priority: int) -> None:
+    """Send the job's first delivery; if the queue is unreachable the job ends failed."""
+    send = functools.partial(send_job, state.celery, state.keys, job_id, kind, model, priority)
     try:
         await anyio.to_thread.run_sync(send)
     except Exception as exc:
@@ -157,6 +169,10 @@ async def job_events(request: Request) -> StreamingResponse:
     job_id = job_id_of(request)
     after = after_seq(request)
     state = request.app.state
+    if state.followers >= state.settings.max_sse_followers:
+        raise ApiError(503, "too_many_followers", f"this API serves at most "
+                       f"{state.settings.max_sse_followers} event streams; retry later or "
+                       "read the Redis stream directly")
     if not await state.redis.exists(state.keys.job(job_id)):
         raise not_found(job_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

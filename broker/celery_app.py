@@ -21,9 +21,24 @@ def celery_priority(priority: int) -> int:
     return 9 - priority
 
 
+def task_id_of(job_id: str, dispatch: int) -> str:
+    """Celery's id of one delivery: the job id, then `<job id>.<n>` for the n-th requeue."""
+    return job_id if dispatch == 1 else f"{job_id}.{dispatch}"
+
+
+def send_job(
+    app: Celery, keys: Keys, job_id: str, kind: str, model: str, priority: int, dispatch: int = 1
+) -> None:
+    """Queue one delivery of a job on its model's queue; the message carries ids only."""
+    app.send_task(
+        TASK_NAMES[kind], args=[job_id, model, dispatch], task_id=task_id_of(job_id, dispatch),
+        queue=keys.queue(model), priority=celery_priority(priority),
+    )
+
+
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     keys = Keys(settings.key_prefix)
-    app = Celery("tokenpool", broker=redis_url, backend=redis_url, set_as_current=False)
+    app = Celery("tokenpool", broker=redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -32,8 +47,9 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_track_started=True,
-        result_expires=settings.job_ttl_s,
+        task_ignore_result=True,  # results live in the job store; Flower reads task events
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # fenced writes decide
+        broker_connection_max_retries=None,  # a worker waits out a Redis restart
         task_queues=[Queue(keys.queue(name)) for name in settings.models],
         task_default_queue=keys.queue(next(iter(settings.models))),
         broker_transport_options={

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 
 from broker.keys import Keys, stream_id
 from broker.messages import FINAL_TYPES
@@ -24,6 +27,7 @@ class StreamedEvent:
 
 
 TYPE_KEY = '"type":"'
+RECONNECT_PAUSE_S = 0.25
 
 
 def event_type(data: str) -> str:
@@ -46,18 +50,29 @@ def parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamedEvent:
 
 
 async def follow(
-    client: aioredis.Redis, keys: Keys, job_id: str, after_seq: int, block_s: float
+    client: aioredis.Redis, keys: Keys, job_id: str, after_seq: int, block_s: float,
+    reconnect_s: float = 30.0,
 ) -> AsyncIterator[StreamedEvent | None]:
     """Yield events with seq > after_seq, then live ones; None after each idle `block_s`.
 
-    Ends after the final event (done, error or cancelled).
+    Ends after the final event (done, error or cancelled). If Redis goes away (a restart) it
+    keeps trying from the last seq it yielded for `reconnect_s`, then raises.
     """
     stream = keys.events(job_id)
     last: str | bytes = stream_id(after_seq) if after_seq >= 0 else "0-0"
+    down_since: float | None = None
     while True:
-        reply = cast(XReadReply, await client.xread(
-            {stream: last}, count=512, block=int(block_s * 1000)
-        ))
+        try:
+            reply = cast(XReadReply, await client.xread(
+                {stream: last}, count=512, block=int(block_s * 1000)
+            ))
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > reconnect_s:
+                raise exc
+            await asyncio.sleep(RECONNECT_PAUSE_S)
+            continue
+        down_since = None
         if not reply:
             yield None
             continue

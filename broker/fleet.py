@@ -13,10 +13,10 @@ from broker.keys import Keys
 
 
 def write_heartbeat(client: redis.Redis, keys: Keys, beat: dict[str, Any], ttl_s: float) -> None:
-    name = beat["name"]
+    name, now = beat["name"], time.time()
     pipe = client.pipeline(transaction=False)
-    pipe.set(keys.worker(name), json.dumps(beat), px=int(ttl_s * 1000))
-    pipe.zadd(keys.workers(), {name: time.time()})
+    pipe.set(keys.worker(name), json.dumps({**beat, "ts": now}), px=int(ttl_s * 1000))
+    pipe.zadd(keys.workers(), {name: now})
     pipe.execute()
 
 

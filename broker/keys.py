@@ -37,6 +37,18 @@ class Keys:
         """Sorted set: worker name -> time of its last heartbeat."""
         return f"{self.prefix}:workers"
 
+    def running(self) -> str:
+        """Hash: job id -> name of the worker running its current attempt (the reaper's index)."""
+        return f"{self.prefix}:running"
+
+    def dead_letters(self) -> str:
+        """Sorted set: job id -> time it was dead-lettered (its worker died max_attempts times)."""
+        return f"{self.prefix}:dead-letters"
+
+    def reaper_lock(self) -> str:
+        """String with a TTL: held by the one worker whose reaper runs this round."""
+        return f"{self.prefix}:reaper"
+
     def queue(self, model: str) -> str:
         """Celery queue (a Redis list) of one model's jobs."""
         return f"{self.prefix}.{model}"

@@ -24,6 +24,9 @@ class ChatMessage(_Frozen):
 class _Job(_Frozen):
     model: str = Field(min_length=1)
     priority: int = Field(5, ge=0, le=9, description="0 least urgent, 9 most")
+    timeout_s: float | None = Field(
+        None, gt=0, description="run-time limit from its first start; unset: the configured one"
+    )
 
 
 class GenerateJob(_Job):
@@ -107,6 +110,14 @@ class Started(_Event):
     attempt: int
 
 
+class Requeued(_Event):
+    """The attempt's worker was lost; the job is queued again and goes on where it stopped."""
+
+    type: Literal["requeued"] = "requeued"
+    attempt: int
+    reason: str
+
+
 class TokenEvent(_Event):
     type: Literal["token"] = "token"
     text: str
@@ -141,4 +152,4 @@ class Cancelled(_Event):
     type: Literal["cancelled"] = "cancelled"
 
 
-Event = Queued | Started | TokenEvent | Stage | Done | ErrorEvent | Cancelled
+Event = Queued | Started | Requeued | TokenEvent | Stage | Done | ErrorEvent | Cancelled

@@ -86,6 +86,23 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker is gone after this silence")
     sse_keepalive_s: float = Field(15.0, gt=0, description="SSE comment sent when idle")
+    max_sse_followers: int = Field(
+        1000, ge=1, description="SSE followers one API process serves (each holds a Redis read)"
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="a job whose worker dies this often ends failed (poison)"
+    )
+    job_timeout_s: float = Field(600.0, gt=0, description="run-time limit of a job by default")
+    max_job_timeout_s: float = Field(3600.0, gt=0, description="largest timeout_s a job may ask")
+    timeout_grace_s: float = Field(
+        10.0, ge=0, description="after this past its deadline a stuck job is failed by the reaper"
+    )
+    dead_letter_ttl_s: int = Field(
+        7 * 86_400, ge=60, description="how long a dead-lettered job stays inspectable"
+    )
+    worker_redis_retry_s: float = Field(
+        60.0, ge=0, description="a worker retries Redis this long before giving up a write"
+    )
     summary_chunk_overlap_tokens: int = Field(32, ge=0, description="map-reduce chunk overlap")
     models: dict[str, ModelSpec] = Field(default_factory=default_models)
 
@@ -115,6 +132,12 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _timeouts_agree(self) -> Settings:
+        if self.job_timeout_s > self.max_job_timeout_s:
+            raise ValueError("job_timeout_s must not exceed max_job_timeout_s")
+        return self
 
     def model(self, name: str) -> ModelSpec:
         return self.models[name]

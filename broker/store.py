@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 
 from broker.keys import Keys
-from broker.messages import Cancelled, ErrorEvent, ErrorInfo, Event, Queued
+from broker.messages import Cancelled, ErrorEvent, ErrorInfo, Event, Queued, Requeued
+from broker.messages import Started as StartedEvent
 from broker.settings import Settings
 
 _APPEND_FN = """
@@ -49,30 +50,55 @@ seal(KEYS[1], KEYS[2], ARGV[4])
 return {ARGV[6], 1}
 """
 
-# KEYS: job  ARGV: worker, started_at.  Returns the attempt number, or -1 if the job must not run.
+# KEYS: job, stream, running  ARGV: channel, started body (no attempt), maxlen, worker, now,
+# dispatch, start token.  Only the current dispatch of a queued job starts; a retried call with
+# the same token gets the same answer.  Returns {attempt, next seq, deadline} or {-1}.
 _START = _APPEND_FN + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if (not st) or FINAL[st] then return -1 end
+local st, disp, token, att = unpack(redis.call('HMGET', KEYS[1], 'status', 'dispatch',
+                                               'start_token', 'attempts'))
+if st == 'running' and token == ARGV[7] then
+  local seq, deadline = unpack(redis.call('HMGET', KEYS[1], 'next_seq', 'deadline'))
+  return {tonumber(att), tonumber(seq), deadline}
+end
+if st ~= 'queued' or disp ~= ARGV[6] then return {-1} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
-return attempt
+local timeout = tonumber(redis.call('HGET', KEYS[1], 'timeout_s') or '0')
+if timeout > 0 then
+  redis.call('HSETNX', KEYS[1], 'deadline', tostring(tonumber(ARGV[5]) + timeout))
+end
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[4], 'attempt_started_at',
+           ARGV[5], 'start_token', ARGV[7])
+redis.call('HSET', KEYS[3], redis.call('HGET', KEYS[1], 'id'), ARGV[4])
+local body = string.sub(ARGV[2], 1, -2) .. ',"attempt":' .. attempt .. '}'
+append(KEYS[1], KEYS[2], ARGV[1], body, ARGV[3])
+local seq, deadline = unpack(redis.call('HMGET', KEYS[1], 'next_seq', 'deadline'))
+return {attempt, tonumber(seq), deadline}
 """
 
-# KEYS: job, stream  ARGV: channel, body, maxlen.  Returns {seq, flag}: 1 cancel asked, 2 refused.
+# KEYS: job, stream  ARGV: channel, body, maxlen, attempt, seq the writer expects.
+# Returns {seq, flag}: flag 1 cancel asked, 2 refused (not this attempt's any more).
+# A retried call (its reply lost) finds the seq taken and writes nothing twice.
 _APPEND = _APPEND_FN + """
-local st = redis.call('HGET', KEYS[1], 'status')
-if (not st) or FINAL[st] then return {-1, 2} end
+local st, att, nxt, cancel = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts',
+                                               'next_seq', 'cancel'))
+if st ~= 'running' or att ~= ARGV[4] then return {-1, 2} end
+local flag = 0
+if cancel == '1' then flag = 1 end
+if tonumber(nxt) > tonumber(ARGV[5]) then return {tonumber(ARGV[5]), flag} end
 local seq = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {seq, 1} end
-return {seq, 0}
+return {seq, flag}
 """
 
-# KEYS: job, stream  ARGV: channel, body, maxlen, ttl, status, fields…  Returns seq or -1.
+# KEYS: job, stream, running  ARGV: channel, body, maxlen, ttl, status, attempt or '', fields…
+# Returns seq, or -1 if the job ended already (or, with an attempt, is not that attempt's).
 _FINISH = _APPEND_FN + """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st, att = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts'))
 if (not st) or FINAL[st] then return -1 end
+if ARGV[6] ~= '' and (st ~= 'running' or att ~= ARGV[6]) then return -1 end
 local seq = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[1], 'status', ARGV[5], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'status', ARGV[5], unpack(ARGV, 7))
+redis.call('HDEL', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
 seal(KEYS[1], KEYS[2], ARGV[4])
 return seq
 """
@@ -92,8 +118,41 @@ redis.call('HSET', KEYS[1], 'cancel', '1')
 return 'cancelling'
 """
 
+# The reaper, for a running job whose worker is lost.  KEYS: job, stream, running, dead letters
+# ARGV: channel, maxlen, worker, attempt, max attempts, now, ttl, dead-letter ttl,
+#       requeued body, error body, error JSON, cancelled body.
+# Returns {'requeued', dispatch}, {'dead'}, {'cancelled'} or {'skip'} (the job moved on).
+_REQUEUE = _APPEND_FN + """
+local st, worker, att, cancel = unpack(redis.call('HMGET', KEYS[1], 'status', 'worker',
+                                                  'attempts', 'cancel'))
+if st ~= 'running' or worker ~= ARGV[3] or att ~= ARGV[4] then
+  if (not st) or FINAL[st] then redis.call('HDEL', KEYS[3], ARGV[13]) end
+  return {'skip'}
+end
+redis.call('HDEL', KEYS[3], ARGV[13])
+if cancel == '1' then
+  append(KEYS[1], KEYS[2], ARGV[1], ARGV[12], ARGV[2])
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[6])
+  seal(KEYS[1], KEYS[2], ARGV[7])
+  return {'cancelled'}
+end
+if tonumber(att) >= tonumber(ARGV[5]) then
+  append(KEYS[1], KEYS[2], ARGV[1], ARGV[10], ARGV[2])
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[11], 'finished_at', ARGV[6])
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[13])
+  seal(KEYS[1], KEYS[2], ARGV[8])
+  return {'dead'}
+end
+local dispatch = redis.call('HINCRBY', KEYS[1], 'dispatch', 1)
+redis.call('HSET', KEYS[1], 'status', 'queued')
+append(KEYS[1], KEYS[2], ARGV[1], ARGV[9], ARGV[2])
+return {'requeued', dispatch}
+"""
+
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 _JSON_FIELDS = ("request", "result", "error", "usage", "timings")
-_FLOAT_FIELDS = ("created_at", "started_at", "finished_at")
+_FLOAT_FIELDS = ("created_at", "started_at", "attempt_started_at", "finished_at", "deadline",
+                 "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -101,6 +160,15 @@ class Appended:
     seq: int
     cancel_requested: bool
     refused: bool
+
+
+@dataclass(frozen=True)
+class Started:
+    """A started attempt: its number, the seq its next event gets, and its deadline if any."""
+
+    attempt: int
+    next_seq: int
+    deadline: float | None
 
 
 def _pairs(fields: dict[str, Any]) -> list[str]:
@@ -116,21 +184,26 @@ def _body(event: Event) -> str:
     return event.model_dump_json(exclude_none=True)
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _read_record(raw: dict[Any, Any]) -> dict[str, Any] | None:
     """A job hash as the API shows it, or None if there is no such job."""
     if not raw:
         return None
-    rec = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-           for k, v in raw.items()}
+    rec = {_text(k): _text(v) for k, v in raw.items()}
     out: dict[str, Any] = {name: rec.get(name) for name in ("id", "kind", "model", "status")}
     for name in _FLOAT_FIELDS:
         out[name] = float(rec[name]) if name in rec else None
     out["worker"] = rec.get("worker")
     out["attempts"] = int(rec.get("attempts", 0))
+    out["dispatch"] = int(rec.get("dispatch", 1))
     for name in _JSON_FIELDS:
         out[name] = json.loads(rec[name]) if name in rec else None
     out["cancel_requested"] = rec.get("cancel") == "1"
     out["fingerprint"] = rec.get("fingerprint")
+    out["requeued_from"] = rec.get("requeued_from")
     return out
 
 
@@ -143,6 +216,7 @@ class _Args:
         self.ttl_s = settings.job_ttl_s
         self.live_ttl_s = settings.live_ttl_s
         self.idem_ttl_s = settings.idempotency_ttl_s
+        self.dead_ttl_s = settings.dead_letter_ttl_s
 
     def job_keys(self, job_id: str) -> list[str]:
         return [self.keys.job(job_id), self.keys.events(job_id)]
@@ -155,26 +229,45 @@ class _Args:
     ) -> tuple[list[str], list[Any]]:
         keys = self.job_keys(job_id) + ([self.keys.idempotency(idem_key)] if idem_key else [])
         args = [*self.event(job_id, Queued(job=job_id)), self.live_ttl_s, self.idem_ttl_s, job_id]
-        return keys, args + _pairs({"id": job_id, "status": "queued", **record})
+        fields = {"id": job_id, "status": "queued", "dispatch": "1", **record}
+        return keys, args + _pairs(fields)
 
     def finish(
-        self, job_id: str, event: Event, status: str, fields: dict[str, Any]
-    ) -> list[Any]:
+        self, job_id: str, event: Event, status: str, attempt: int | None, fields: dict[str, Any]
+    ) -> tuple[list[str], list[Any]]:
         fields = {"finished_at": repr(time.time()), **fields}
-        return [*self.event(job_id, event), self.ttl_s, status, *_pairs(fields)]
+        args = [*self.event(job_id, event), self.ttl_s, status,
+                "" if attempt is None else str(attempt), *_pairs(fields)]
+        return [*self.job_keys(job_id), self.keys.running()], args
 
-    def fail(self, job_id: str, error_type: str, message: str) -> tuple[list[str], list[Any]]:
+    def fail(
+        self, job_id: str, error_type: str, message: str, attempt: int | None
+    ) -> tuple[list[str], list[Any]]:
         info = ErrorInfo(type=error_type, message=message)
         event = ErrorEvent(job=job_id, error=info)
-        args = self.finish(job_id, event, "failed", {"error": info.model_dump()})
-        return self.job_keys(job_id), args
+        return self.finish(job_id, event, "failed", attempt, {"error": info.model_dump()})
 
     def cancel(self, job_id: str) -> list[Any]:
         return [*self.event(job_id, Cancelled(job=job_id)), self.ttl_s, repr(time.time())]
 
+    def requeue(
+        self, job_id: str, worker: str, attempt: int, max_attempts: int, reason: str
+    ) -> tuple[list[str], list[Any]]:
+        keys = [*self.job_keys(job_id), self.keys.running(), self.keys.dead_letters()]
+        error = ErrorInfo(type="worker_lost", message=f"{reason}; gave up after {attempt} "
+                          f"attempts (max_attempts {max_attempts})")
+        args = [
+            self.keys.channel(job_id), self.maxlen, worker, str(attempt), max_attempts,
+            repr(time.time()), self.ttl_s, self.dead_ttl_s,
+            _body(Requeued(job=job_id, attempt=attempt, reason=reason)),
+            _body(ErrorEvent(job=job_id, error=error)), error.model_dump_json(),
+            _body(Cancelled(job=job_id)), job_id,
+        ]
+        return keys, args
+
 
 class JobStore:
-    """Blocking store for worker processes."""
+    """Blocking store for worker processes (and the reaper that runs in them)."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
@@ -182,6 +275,7 @@ class JobStore:
         self._start = client.register_script(_START)
         self._append = client.register_script(_APPEND)
         self._finish = client.register_script(_FINISH)
+        self._requeue = client.register_script(_REQUEUE)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         return _read_record(self.redis.hgetall(self.args.keys.job(job_id)))
@@ -189,23 +283,59 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.args.keys.job(job_id), "cancel") == b"1"
 
-    def start(self, job_id: str, worker: str) -> int:
-        """Mark the job running; the attempt number, or -1 if it ended (e.g. cancelled) already."""
-        args = [worker, repr(time.time())]
-        return int(self._start(keys=[self.args.keys.job(job_id)], args=args))
+    def start(self, job_id: str, worker: str, dispatch: int, token: str) -> Started | None:
+        """Start an attempt and write its `started` event; None if this delivery must not run
+        (the job ended, is running elsewhere, or was queued again since this message)."""
+        keys = [*self.args.job_keys(job_id), self.args.keys.running()]
+        # The script adds the attempt number, which only it knows, as the last field.
+        body = _body(StartedEvent(job=job_id, worker=worker, attempt=0))
+        body = body.removesuffix(',"attempt":0}') + "}"
+        args: list[Any] = [self.args.keys.channel(job_id), body, self.args.maxlen,
+                           worker, repr(time.time()), dispatch, token]
+        reply = self._start(keys=keys, args=args)
+        if int(reply[0]) < 0:
+            return None
+        deadline = float(reply[2]) if len(reply) > 2 and reply[2] else None
+        return Started(attempt=int(reply[0]), next_seq=int(reply[1]), deadline=deadline)
 
-    def append(self, job_id: str, event: Event) -> Appended:
+    def append(self, job_id: str, event: Event, attempt: int, seq: int) -> Appended:
         keys, args = self.args.job_keys(job_id), self.args.event(job_id, event)
-        seq, flag = self._append(keys=keys, args=args)
-        return Appended(seq=int(seq), cancel_requested=flag == 1, refused=flag == 2)
+        got, flag = self._append(keys=keys, args=[*args, attempt, seq])
+        return Appended(seq=int(got), cancel_requested=flag == 1, refused=flag == 2)
 
-    def finish(self, job_id: str, event: Event, status: str, **fields: Any) -> int:
-        args = self.args.finish(job_id, event, status, fields)
-        return int(self._finish(keys=self.args.job_keys(job_id), args=args))
-
-    def fail(self, job_id: str, error_type: str, message: str) -> int:
-        keys, args = self.args.fail(job_id, error_type, message)
+    def finish(
+        self, job_id: str, event: Event, status: str, attempt: int | None = None, **fields: Any
+    ) -> int:
+        keys, args = self.args.finish(job_id, event, status, attempt, fields)
         return int(self._finish(keys=keys, args=args))
+
+    def fail(self, job_id: str, error_type: str, message: str, attempt: int | None = None) -> int:
+        keys, args = self.args.fail(job_id, error_type, message, attempt)
+        return int(self._finish(keys=keys, args=args))
+
+    def published_text(self, job_id: str) -> str:
+        """The text of every token event so far, in seq order: where a new attempt goes on."""
+        entries = cast(StreamEntries, self.redis.xrange(self.args.keys.events(job_id)))
+        texts = []
+        for _, fields in entries:
+            event = json.loads(fields[b"event"])
+            if event.get("type") == "token":
+                texts.append(event["text"])
+        return "".join(texts)
+
+    def running(self) -> dict[str, str]:
+        """Job id -> worker, for every job with a running attempt."""
+        return {_text(k): _text(v) for k, v in self.redis.hgetall(self.args.keys.running()).items()}
+
+    def requeue(
+        self, job_id: str, worker: str, attempt: int, max_attempts: int, reason: str
+    ) -> tuple[str, int]:
+        """Queue a lost attempt's job again: (`requeued`, dispatch), or (`dead`|`cancelled`|
+        `skip`, 0) when it failed for good, was cancelled meanwhile, or has moved on."""
+        keys, args = self.args.requeue(job_id, worker, attempt, max_attempts, reason)
+        reply = self._requeue(keys=keys, args=args)
+        outcome = _text(reply[0])
+        return outcome, int(reply[1]) if len(reply) > 1 else 0
 
 
 class AsyncJobStore:
@@ -224,16 +354,31 @@ class AsyncJobStore:
         """Write a queued job; with an idempotency key already used, the earlier job's id."""
         keys, args = self.args.create(job_id, record, idem_key)
         found, created = await self._create(keys=keys, args=args)
-        return (found.decode() if isinstance(found, bytes) else found), bool(created)
+        return _text(found), bool(created)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         return _read_record(await self.redis.hgetall(self.args.keys.job(job_id)))
 
     async def fail(self, job_id: str, error_type: str, message: str) -> int:
-        keys, args = self.args.fail(job_id, error_type, message)
+        keys, args = self.args.fail(job_id, error_type, message, None)
         return int(await self._finish(keys=keys, args=args))
 
     async def cancel(self, job_id: str) -> str:
         """`cancelled` (was queued), `cancelling` (running), `ended:<status>`, or `missing`."""
         reply = await self._cancel(keys=self.args.job_keys(job_id), args=self.args.cancel(job_id))
-        return reply.decode() if isinstance(reply, bytes) else str(reply)
+        return _text(reply)
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Dead-lettered jobs still on record, oldest first."""
+        ids = [_text(i) for i in await self.redis.zrange(self.args.keys.dead_letters(), 0, -1)]
+        records = [await self.get(job_id) for job_id in ids]
+        gone = [job_id for job_id, rec in zip(ids, records, strict=True) if rec is None]
+        if gone:
+            await self.redis.zrem(self.args.keys.dead_letters(), *gone)
+        return [rec for rec in records if rec is not None]
+
+    async def is_dead_letter(self, job_id: str) -> bool:
+        return await self.redis.zscore(self.args.keys.dead_letters(), job_id) is not None
+
+    async def forget_dead_letter(self, job_id: str) -> bool:
+        return bool(await self.redis.zrem(self.args.keys.dead_letters(), job_id))

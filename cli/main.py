@@ -74,7 +74,7 @@ def worker(
     url = redis_url_of(settings)
     name = f"{model}-{gpu}-{os.getpid()}@{socket.gethostname()}"
     app = make_celery(settings, url)
-    runtime = WorkerRuntime(settings, model, gpu, url, name)
+    runtime = WorkerRuntime(settings, model, gpu, url, name, celery=app)
     register(app, runtime)
     runtime.start()
     try:

@@ -15,20 +15,23 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class Runs(Protocol):
-    def run(self, job_id: str, kind: str) -> str: ...
+    def run(self, job_id: str, kind: str, dispatch: int) -> str: ...
 
 
 def register(app: Celery, runtime: Runs) -> None:
-    """Define one task per job kind; arguments are ids only (Flower shows them, not prompts)."""
+    """Define one task per job kind; arguments are ids only (Flower shows them, not prompts):
+    the job id, its model, and which dispatch of the job this message is."""
     for kind, name in TASK_NAMES.items():
         app.task(name=name, acks_late=True)(_adapter(kind, runtime))
 
 
-def _adapter(kind: str, runtime: Runs) -> Callable[[str, str], dict[str, str]]:
-    def run_job(job_id: str, model: str) -> dict[str, str]:
+def _adapter(kind: str, runtime: Runs) -> Callable[[str, str, int], dict[str, str]]:
+    def run_job(job_id: str, model: str, dispatch: int = 1) -> dict[str, str]:
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             raise Reject(f"malformed job id {job_id!r}", requeue=False)
-        return {"job": job_id, "model": model, "status": runtime.run(job_id, kind)}
+        if not isinstance(dispatch, int) or dispatch < 1:
+            raise Reject(f"malformed dispatch {dispatch!r}", requeue=False)
+        return {"job": job_id, "model": model, "status": runtime.run(job_id, kind, dispatch)}
 
     run_job.__name__ = run_job.__qualname__ = f"run_{kind}"
     return run_job

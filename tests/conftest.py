@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,34 @@ class Stack:
                     break
         return out
 
+    def follow(self, job_id: str, timeout_s: float = 180) -> list[dict[str, Any]]:
+        """SSE events until the final one, reconnecting with Last-Event-ID whenever the
+        connection drops (an API or a Redis restart), as a browser's EventSource does."""
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.url, timeout=httpx.Timeout(10, read=60)) as http:
+            while time.monotonic() < deadline:
+                headers = {"Last-Event-ID": str(out[-1]["seq"])} if out else {}
+                try:
+                    with http.stream("GET", f"/v1/jobs/{job_id}/events",
+                                     headers=headers) as reply:
+                        if reply.status_code != 200:
+                            time.sleep(0.3)
+                            continue
+                        for line in reply.iter_lines():
+                            if line.startswith("data: "):
+                                out.append(json.loads(line[len("data: "):]))
+                                if out[-1]["type"] in FINAL_TYPES:
+                                    return out
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+        raise AssertionError(f"job {job_id}: no final event in {timeout_s}s; got {out[-3:]}")
+
+    def stream(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's events as stored in its Redis Stream."""
+        return [json.loads(f[b"event"]) for _, f in self.redis.xrange(self.keys.events(job_id))]
+
     def wait_final(self, job_id: str, timeout_s: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -103,13 +132,19 @@ class Stack:
         raise AssertionError(f"job {job_id} not final after {timeout_s}s")
 
 
-def wait_ready(http: httpx.Client, sup: Supervisor, timeout_s: float = 180) -> None:
+def api_ready(http: httpx.Client) -> bool:
+    return http.get("/ready").status_code == 200
+
+
+def wait_ready(http: httpx.Client, sup: Supervisor, timeout_s: float = 180,
+               ready: Callable[[httpx.Client], bool] | None = None) -> None:
+    ready = ready or api_ready
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         dead = [c.name for c in sup.children if not c.alive()]
         assert not dead, f"died while starting: {dead}; logs in {sup.log_dir}"
         try:
-            if http.get("/ready").status_code == 200:
+            if ready(http):
                 return
         except httpx.TransportError:
             pass
@@ -117,22 +152,32 @@ def wait_ready(http: httpx.Client, sup: Supervisor, timeout_s: float = 180) -> N
     raise AssertionError(f"stack not ready in {timeout_s}s: {http.get('/ready').text}")
 
 
-@pytest.fixture(scope="session")
-def stack(redis_server: EmbeddedRedis, config_file: Path,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextlib.contextmanager
+def running_stack(redis_url: str, config_file: Path, log_dir: Path,
+                  workers: dict[str, str], prefix: str = PREFIX,
+                  ready: Callable[[httpx.Client], bool] | None = None) -> Iterator[Stack]:
+    """Worker subprocesses (name -> model) and an API subprocess against `redis_url`."""
     port = free_port()
-    sup = Supervisor(env=stack_env(redis_server.url, config_file),
-                     log_dir=tmp_path_factory.mktemp("logs"))
-    for model in ("chat", "summary", "embed"):
-        sup.add(f"worker-{model}", tokenpool_argv("worker", "--model", model, "--gpu", "cpu"))
+    sup = Supervisor(env=stack_env(redis_url, config_file), log_dir=log_dir, restart_delay_s=0.2)
+    for name, model in workers.items():
+        sup.add(name, tokenpool_argv("worker", "--model", model, "--gpu", "cpu"))
     sup.add("api", tokenpool_argv("api", "--port", str(port)))
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(redis_url)
     sup.start()
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
-        wait_ready(http, sup)
-        yield Stack(f"http://127.0.0.1:{port}", client, Keys(PREFIX), http, sup)
+        wait_ready(http, sup, ready=ready)
+        yield Stack(f"http://127.0.0.1:{port}", client, Keys(prefix), http, sup)
     finally:
         http.close()
         sup.stop()
         client.close()
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: EmbeddedRedis, config_file: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workers = {f"worker-{model}": model for model in ("chat", "summary", "embed")}
+    with running_stack(redis_server.url, config_file, tmp_path_factory.mktemp("logs"),
+                       workers) as running:
+        yield running

@@ -1,4 +1,4 @@
-"""A daemon thread that publishes this worker's heartbeat every few seconds."""
+"""Background loops of a worker: its heartbeat every few seconds, and the reaper's rounds."""
 
 from __future__ import annotations
 
@@ -19,33 +19,50 @@ from broker.keys import Keys
 log = logging.getLogger("tokenpool.worker")
 
 
+class Periodic:
+    """A daemon thread that calls `fn` every `interval_s` until stopped; it never dies of an
+    error in `fn` (logged instead), so a Redis restart only pauses it."""
+
+    def __init__(self, name: str, interval_s: float, fn: Callable[[], object]) -> None:
+        self.name, self.interval_s, self.fn = name, interval_s, fn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.fn()
+            except redis.RedisError as exc:
+                log.warning("%s: Redis error: %s", self.name, exc)
+            except Exception:
+                log.exception("%s: unexpected error", self.name)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class Heartbeat:
     def __init__(
         self, client: redis.Redis, keys: Keys, interval_s: float, ttl_s: float,
         snapshot: Callable[[], dict[str, Any]],
     ) -> None:
         self.client, self.keys = client, keys
-        self.interval_s, self.ttl_s = interval_s, ttl_s
+        self.ttl_s = ttl_s
         self.snapshot = snapshot
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._loop = Periodic("heartbeat", interval_s, self.beat)
         self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def beat(self) -> None:
         write_heartbeat(self.client, self.keys, {**self.identity, **self.snapshot()}, self.ttl_s)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.beat()
-            except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
-            self._stop.wait(self.interval_s)
-
     def stop(self, name: str) -> None:
-        self._stop.set()
+        self._loop.stop()
         with contextlib.suppress(redis.RedisError):
             remove_heartbeat(self.client, self.keys, name)

@@ -41,14 +41,22 @@ def prompt_tokens(model: TextModel, prompt: Prompt) -> list[int]:
     return tokens
 
 
+def continued(
+    model: TextModel, prompt: list[int], resume: str
+) -> tuple[list[int], Generation]:
+    """The context of a generation that goes on after `resume`, text an earlier attempt
+    already published, and its counts so far (the published text re-tokenized)."""
+    done = model.tokenize(resume, False, add_bos=False) if resume else []
+    return prompt + done, Generation(prompt_tokens=len(prompt), completion_tokens=len(done))
+
+
 def run_generate(
-    job: GenerateJob, model: TextModel, spec: ModelSpec, out: EventWriter
+    job: GenerateJob, model: TextModel, spec: ModelSpec, out: EventWriter, resume: str = ""
 ) -> Outcome:
     prompt = render_generate(job, spec.chat_format)
-    tokens = prompt_tokens(model, prompt)
-    gen = Generation(prompt_tokens=len(tokens))
-    pieces = []
-    for piece in stream_text(model, tokens, sampling_of(job, prompt.stop), gen):
+    context, gen = continued(model, prompt_tokens(model, prompt), resume)
+    pieces = [resume]
+    for piece in stream_text(model, context, sampling_of(job, prompt.stop), gen):
         pieces.append(piece)
         out.token(piece)
     return Outcome(
@@ -60,8 +68,10 @@ def run_generate(
 class _SummaryCalls:
     """One summary call on the model; the final one streams tokens, map calls stay silent."""
 
-    def __init__(self, job: SummarizeJob, model: TextModel, spec: ModelSpec, out: EventWriter):
+    def __init__(self, job: SummarizeJob, model: TextModel, spec: ModelSpec, out: EventWriter,
+                 resume: str = ""):
         self.job, self.model, self.spec, self.out = job, model, spec, out
+        self.resume = resume  # the final call's text an earlier attempt already published
         self.instruction = summary_instruction(job.instructions)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
 
@@ -71,12 +81,12 @@ class _SummaryCalls:
 
     def __call__(self, text: str, max_tokens: int, final: bool) -> str:
         prompt = render_summary(self.instruction, text, self.spec.chat_format)
-        tokens = prompt_tokens(self.model, prompt)
+        resume = self.resume if final else ""
+        context, gen = continued(self.model, prompt_tokens(self.model, prompt), resume)
         sampling = Sampling(max_tokens=max_tokens, temperature=self.job.temperature,
                             seed=self.job.seed, stop=prompt.stop)
-        gen = Generation(prompt_tokens=len(tokens))
-        pieces = []
-        for piece in stream_text(self.model, tokens, sampling, gen):
+        pieces = [resume]
+        for piece in stream_text(self.model, context, sampling, gen):
             pieces.append(piece)
             if final:
                 self.out.token(piece)
@@ -88,9 +98,10 @@ class _SummaryCalls:
 
 
 def run_summarize(
-    job: SummarizeJob, model: TextModel, spec: ModelSpec, out: EventWriter, overlap: int
+    job: SummarizeJob, model: TextModel, spec: ModelSpec, out: EventWriter, overlap: int,
+    resume: str = "",
 ) -> Outcome:
-    calls = _SummaryCalls(job, model, spec, out)
+    calls = _SummaryCalls(job, model, spec, out, resume)
     budget = Budget(n_ctx=model.n_ctx, prompt_overhead=calls.overhead_tokens(),
                     max_tokens=job.max_tokens)
     summary, parts = map_reduce(

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
+from celery import Celery
 
+from broker.connection import worker_redis
 from broker.keys import Keys
-from broker.messages import JOB_REQUEST, MODEL_KIND_OF_JOB, EmbedJob, GenerateJob, Started
+from broker.messages import JOB_REQUEST, MODEL_KIND_OF_JOB, EmbedJob, GenerateJob
+from broker.recovery import Reaper
 from broker.settings import ModelSpec, Settings
 from broker.sources import resolve
-from broker.store import JobStore
+from broker.store import JobStore, Started
 from workers.engine import EmbeddingModel, TextModel
 from workers.gpu import layers_on, torch_device
-from workers.heartbeat import Heartbeat
+from workers.heartbeat import Heartbeat, Periodic
 from workers.runners import Outcome, run_embed, run_generate, run_summarize
-from workers.writer import EventWriter, JobCancelled, JobGone
+from workers.writer import EventWriter, JobCancelled, JobGone, JobTimedOut
 
 log = logging.getLogger("tokenpool.worker")
 
@@ -38,12 +43,13 @@ class WorkerRuntime:
     """One worker: `model_name` resident on `gpu`, jobs run one after another."""
 
     def __init__(
-        self, settings: Settings, model_name: str, gpu: str, redis_url: str, name: str
+        self, settings: Settings, model_name: str, gpu: str, redis_url: str, name: str,
+        celery: Celery | None = None,
     ) -> None:
         self.settings, self.model_name, self.gpu, self.name = settings, model_name, gpu, name
         self.spec = settings.models[model_name]
         self.keys = Keys(settings.key_prefix)
-        self.redis = redis.Redis.from_url(redis_url, health_check_interval=30)
+        self.redis = worker_redis(redis_url, settings.worker_redis_retry_s, name)
         self.store = JobStore(self.redis, settings)
         self.state = "idle"
         self.counts = {"jobs_done": 0, "jobs_failed": 0}
@@ -55,17 +61,26 @@ class WorkerRuntime:
             self.redis, self.keys, settings.heartbeat_interval_s, settings.heartbeat_ttl_s,
             self.snapshot,
         )
+        # Every worker takes part in reaping lost jobs (one per round, by a lock in Redis).
+        self.reaper = (
+            Periodic("reaper", settings.heartbeat_interval_s,
+                     Reaper(self.redis, self.store, celery, settings, name).run_once)
+            if celery is not None else None
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "name": self.name, "model": self.model_name, "kind": self.spec.kind,
             "gpu": self.gpu, "queue": self.keys.queue(self.model_name), "state": self.state,
             "current_job": self.current_job, "error": self._load_error, **self.counts,
+            "jobs": [self.current_job] if self.current_job else [],
         }
 
     def start(self) -> None:
         """Begin heartbeats and load the model in the background; jobs wait for it."""
         self.heartbeat.start()
+        if self.reaper is not None:
+            self.reaper.start()
         threading.Thread(target=self.model, name="model-load", daemon=True).start()
 
     def model(self) -> TextModel | EmbeddingModel:
@@ -84,59 +99,82 @@ class WorkerRuntime:
             return self._model
 
     def stop(self) -> None:
+        if self.reaper is not None:
+            self.reaper.stop()
         self.heartbeat.stop(self.name)
         with self._lock:
             if self._model is not None:
                 self._model.close()
                 self._model = None
 
-    def run(self, job_id: str, kind: str) -> str:
-        """Run one job to a final event; returns the job's final status (or `skipped`)."""
-        attempt = self.store.start(job_id, self.name)
-        if attempt < 0:
-            log.info("job %s: already ended or unknown; not run", job_id)
-            return "skipped"
+    def run(self, job_id: str, kind: str, dispatch: int = 1) -> str:
+        """Run one delivery of a job to a final event; returns the job's final status, or
+        `skipped` when this delivery must not run, or `lost` when Redis stayed away."""
         self.current_job, self.state = job_id, "generating"
         try:
-            return self._run(job_id, kind, attempt)
+            started = self.store.start(job_id, self.name, dispatch, uuid.uuid4().hex)
+            if started is None:
+                log.info("job %s: delivery %d is stale (ended, running or requeued); not run",
+                         job_id, dispatch)
+                return "skipped"
+            self._beat()  # from now the reaper sees this job as ours
+            return self._run(job_id, kind, started)
+        except redis.RedisError as exc:
+            log.error("job %s: Redis unreachable for %.0fs (%s); left to the reaper", job_id,
+                      self.settings.worker_redis_retry_s, exc)
+            return "lost"
         finally:
             self.current_job, self.state = None, "loaded" if self._model else self.state
+            self._beat()
 
-    def _run(self, job_id: str, kind: str, attempt: int) -> str:
+    def _beat(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.heartbeat.beat()
+
+    def _run(self, job_id: str, kind: str, started: Started) -> str:
         record = self.store.get(job_id) or {}
-        self.store.append(job_id, Started(job=job_id, worker=self.name, attempt=attempt))
-        out = EventWriter(self.store, job_id, record.get("created_at") or time.time(), time.time())
-        log.info("job %s: %s attempt %d", job_id, kind, attempt)
+        first_start = record.get("started_at") or time.time()
+        out = EventWriter(self.store, job_id, started.attempt, started.next_seq,
+                          started.deadline, record.get("created_at") or first_start, first_start)
+        resume = self.store.published_text(job_id) if started.attempt > 1 else ""
+        log.info("job %s: %s attempt %d%s", job_id, kind, started.attempt,
+                 f", going on after {len(resume)} published characters" if resume else "")
         try:
-            outcome = self._execute(record, kind, out)
+            outcome = self._execute(record, kind, out, resume)
         except JobCancelled:
             out.cancelled()
             log.info("job %s: cancelled", job_id)
             return "cancelled"
         except JobGone:
-            log.info("job %s: ended elsewhere while running", job_id)
+            log.info("job %s: ended or requeued elsewhere while running", job_id)
             return "gone"
+        except redis.RedisError:
+            raise
         except Exception as exc:
             self.counts["jobs_failed"] += 1
-            self.store.fail(job_id, _error_type(exc), str(exc) or type(exc).__name__)
-            log.warning("job %s: failed: %s: %s", job_id, type(exc).__name__, exc)
+            error_type, message = _error_of(exc, record)
+            out.fail(error_type, message)
+            log.warning("job %s: failed: %s: %s", job_id, error_type, message)
             return "failed"
         out.succeed(outcome.result, outcome.usage)
         self.counts["jobs_done"] += 1
         log.info("job %s: succeeded %s", job_id, outcome.usage)
         return "succeeded"
 
-    def _execute(self, record: dict[str, Any], kind: str, out: EventWriter) -> Outcome:
+    def _execute(
+        self, record: dict[str, Any], kind: str, out: EventWriter, resume: str
+    ) -> Outcome:
         job = JOB_REQUEST.validate_python(record.get("request"))
         if job.kind != kind or MODEL_KIND_OF_JOB[kind] != self.spec.kind:
             raise WrongModelKind(f"{kind} job on {self.spec.kind} model {self.model_name!r}")
         model = self.model()
+        out.check_deadline()
         if isinstance(job, EmbedJob):
             return run_embed(job, model, out)  # type: ignore[arg-type]
         if isinstance(job, GenerateJob):
-            return run_generate(job, model, self.spec, out)  # type: ignore[arg-type]
+            return run_generate(job, model, self.spec, out, resume)  # type: ignore[arg-type]
         overlap = self.settings.summary_chunk_overlap_tokens
-        return run_summarize(job, model, self.spec, out, overlap)  # type: ignore[arg-type]
+        return run_summarize(job, model, self.spec, out, overlap, resume)  # type: ignore[arg-type]
 
 
 class WrongModelKind(ValueError):
@@ -147,8 +185,13 @@ _ERROR_TYPES = {
     "ContextOverflow": "context_length_exceeded",
     "ValidationError": "invalid_request",
     "WrongModelKind": "invalid_request",
+    "JobTimedOut": "timeout",
 }
 
 
-def _error_type(exc: Exception) -> str:
-    return _ERROR_TYPES.get(type(exc).__name__, "worker_error")
+def _error_of(exc: Exception, record: dict[str, Any]) -> tuple[str, str]:
+    """The error type and message a failed job ends with."""
+    error_type = _ERROR_TYPES.get(type(exc).__name__, "worker_error")
+    if isinstance(exc, JobTimedOut):
+        return error_type, f"the job ran past its time limit of {record.get('timeout_s')}s"
+    return error_type, str(exc) or type(exc).__name__

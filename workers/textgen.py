@@ -56,11 +56,16 @@ def stream_text(
     """Yield non-empty text pieces as tokens are sampled; `gen` records counts and why it ended.
 
     Stops at end of generation, at a stop string (not included), at `max_tokens`, or when the
-    context is full. The pieces concatenated are the whole text.
+    context is full. The pieces concatenated are the whole text. A continued generation passes
+    the tokens it already produced at the end of `prompt_tokens` and counted in `gen`.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopFilter(sampling.stop)
-    budget = min(sampling.max_tokens, model.n_ctx - len(prompt_tokens))
+    budget = min(sampling.max_tokens,
+                 model.n_ctx - len(prompt_tokens) + gen.completion_tokens)
+    if gen.completion_tokens >= budget:
+        gen.finish_reason = "length"
+        return
     gen.finish_reason = "stop"
     for piece in model.generate(prompt_tokens, sampling):
         gen.completion_tokens += 1

@@ -14,23 +14,42 @@ class JobCancelled(Exception):
 
 
 class JobGone(Exception):
-    """The job already ended (or expired) elsewhere; nothing more may be written."""
+    """The job ended, expired or was queued again elsewhere: this attempt may write no more."""
+
+
+class JobTimedOut(Exception):
+    """The job ran past its deadline."""
 
 
 class EventWriter:
-    def __init__(self, store: JobStore, job_id: str, created_at: float, started_at: float) -> None:
+    """The one writer of a running attempt: each write is fenced by the attempt number and
+    carries the seq it expects, so a retried write (reply lost in a Redis restart) is a no-op."""
+
+    def __init__(
+        self, store: JobStore, job_id: str, attempt: int, next_seq: int,
+        deadline: float | None, created_at: float, started_at: float,
+    ) -> None:
         self.store = store
         self.job_id = job_id
+        self.attempt = attempt
+        self.next_seq = next_seq
+        self.deadline = deadline
         self.created_at = created_at
         self.started_at = started_at
         self.first_token_at: float | None = None
 
     def _append(self, event: Event) -> None:
-        appended = self.store.append(self.job_id, event)
+        self.check_deadline()
+        appended = self.store.append(self.job_id, event, self.attempt, self.next_seq)
         if appended.refused:
             raise JobGone(self.job_id)
+        self.next_seq = appended.seq + 1
         if appended.cancel_requested:
             raise JobCancelled(self.job_id)
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.time() > self.deadline:
+            raise JobTimedOut(self.job_id)
 
     def token(self, text: str) -> None:
         if self.first_token_at is None:
@@ -41,7 +60,8 @@ class EventWriter:
         self._append(Stage(job=self.job_id, stage=stage, part=part, parts=parts))
 
     def check_cancel(self) -> None:
-        """For stretches that write no events (summary map stages)."""
+        """For stretches that write no events (summary map stages): cancel and deadline."""
+        self.check_deadline()
         if self.store.cancel_requested(self.job_id):
             raise JobCancelled(self.job_id)
 
@@ -61,8 +81,12 @@ class EventWriter:
         timings = self.timings(usage.get("completion_tokens", 0))
         done = Done(job=self.job_id, usage=usage, timings=timings)
         self.store.finish(
-            self.job_id, done, "succeeded", result=result, usage=usage, timings=timings
+            self.job_id, done, "succeeded", self.attempt, result=result, usage=usage,
+            timings=timings,
         )
 
     def cancelled(self) -> None:
-        self.store.finish(self.job_id, Cancelled(job=self.job_id), "cancelled")
+        self.store.finish(self.job_id, Cancelled(job=self.job_id), "cancelled", self.attempt)
+
+    def fail(self, error_type: str, message: str) -> None:
+        self.store.fail(self.job_id, error_type, message, self.attempt)

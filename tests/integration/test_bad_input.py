@@ -32,6 +32,9 @@ def queued_state(stack):
     ({"kind": "generate", "prompt": "x", "stop": [""]}, 422, "invalid_request", "stop"),
     ({"kind": "summarize", "text": "x", "max_tokens": 481}, 422, "max_tokens_too_large",
      "max_tokens"),
+    ({"kind": "generate", "prompt": "x", "timeout_s": 0}, 422, "invalid_request", "timeout_s"),
+    ({"kind": "embed", "texts": ["x"], "timeout_s": 3601}, 422, "timeout_too_large",
+     "timeout_s"),
     ({"kind": "nope"}, 422, "invalid_request", "kind"),
     ([1, 2], 422, "invalid_request", None),
 ])

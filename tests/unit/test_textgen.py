@@ -70,3 +70,22 @@ def test_a_full_context_ends_generation_with_reason_length():
 def test_stop_filter_cuts_at_the_earliest_of_several_stops():
     f = StopFilter(("BB", "A"))
     assert f.feed("xxBBA") == ("xx", True)
+
+
+def test_a_continued_generation_counts_its_earlier_tokens_against_max_tokens():
+    from workers.runners import continued
+
+    model = ScriptedModel([b" c", b" d", b" e", b" f"])
+    context, gen = continued(model, [0, 1, 2], "a b")  # two tokens published before a crash
+    assert context == [0, 1, 2, 0, 1] and gen.completion_tokens == 2
+    out = list(stream_text(model, context, Sampling(max_tokens=4), gen))
+    assert out == [" c", " d"] and gen.completion_tokens == 4 and gen.finish_reason == "length"
+
+
+def test_a_continuation_that_already_reached_max_tokens_samples_nothing():
+    from workers.runners import continued
+
+    model = ScriptedModel([b" never"])
+    context, gen = continued(model, [0, 1, 2], "a b c")
+    assert list(stream_text(model, context, Sampling(max_tokens=3), gen)) == []
+    assert gen.finish_reason == "length" and gen.completion_tokens == 3
