@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from api import deadletters, jobs, ops
+from api import batch, deadletters, jobs, ops
 from api.admission import Vocabularies
 from api.errors import ApiError, api_error_handler
 from broker.celery_app import make_celery
@@ -59,7 +59,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
             await client.aclose()
 
     return Starlette(
-        routes=[*ops.routes, *jobs.routes, *deadletters.routes],
+        routes=[*ops.routes, *batch.routes, *jobs.routes, *deadletters.routes],
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

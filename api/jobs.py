@@ -80,18 +80,23 @@ async def submit(request: Request) -> JSONResponse:
     return await create_and_enqueue(state, job, idem_key)
 
 
+def job_record(state: Any, job: JobRequest, **extra: str) -> dict[str, Any]:
+    """The fields a new job's record starts with."""
+    request_json = job.model_dump(mode="json")
+    fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
+    return {"kind": job.kind, "model": job.model, "created_at": repr(time.time()),
+            "request": request_json, "fingerprint": fingerprint,
+            "timeout_s": repr(timeout_of(job, state.settings)), **extra}
+
+
 async def create_and_enqueue(
     state: Any, job: JobRequest, idem_key: str | None = None, **extra: str
 ) -> JSONResponse:
     """Store a queued job and send its first delivery: 202, or the earlier job of the key."""
-    request_json = job.model_dump(mode="json")
-    fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
-    record = {"kind": job.kind, "model": job.model, "created_at": repr(time.time()),
-              "request": request_json, "fingerprint": fingerprint,
-              "timeout_s": repr(timeout_of(job, state.settings)), **extra}
+    record = job_record(state, job, **extra)
     job_id, created = await state.store.create(uuid.uuid4().hex, record, idem_key)
     if not created:
-        return await _replayed(state, job_id, fingerprint)
+        return await _replayed(state, job_id, record["fingerprint"])
     try:
         await enqueue(state, job_id, job.kind, job.model, job.priority)
     except ApiError:

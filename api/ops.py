@@ -38,13 +38,28 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, 200 if not missing else 503)
 
 
+async def queue_depths(state: Any) -> dict[str, int]:
+    """Jobs waiting in each model's Celery queue (all priority steps)."""
+    names = list(state.settings.models)
+    pipe = state.redis.pipeline(transaction=False)
+    for name in names:
+        for key in state.keys.queue_lists(name):
+            pipe.llen(key)
+    lengths = await pipe.execute()
+    per = len(state.keys.queue_lists(names[0])) if names else 0
+    return {name: sum(lengths[i * per:(i + 1) * per]) for i, name in enumerate(names)}
+
+
 async def models(request: Request) -> JSONResponse:
     state = request.app.state
     by_model = await fleet(state)
+    depths = await queue_depths(state)
     data = [
         {"id": name, "object": "model", "kind": spec.kind, "n_ctx": spec.n_ctx,
          "max_tokens": spec.max_tokens, "chat_format": spec.chat_format,
-         "workers": [{k: w.get(k) for k in ("name", "host", "gpu", "state")}
+         "max_batch": spec.max_batch, "queue_depth": depths[name],
+         "running": sum(len(w.get("jobs", [])) for w in by_model.get(name, [])),
+         "workers": [{k: w.get(k) for k in ("name", "host", "gpu", "state", "jobs", "batches")}
                      for w in by_model.get(name, [])]}
         for name, spec in state.settings.models.items()
     ]

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.stack import start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
 from broker.sources import resolve
-from cli.supervisor import Supervisor, tokenpool_argv
 
 # Identical sampling on both sides: greedy, no repeat penalty (llama-cpp-python's defaults).
 SAMPLING = {"temperature": 0.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
@@ -64,28 +64,6 @@ def through_queue(http: httpx.Client, prompt: str, max_tokens: int) -> Run:
                 break
     usage = http.get(job["links"]["self"]).json()["usage"]
     return Run(stamps[0] - started, usage["completion_tokens"], stamps[-1] - stamps[0])
-
-
-def start_stack(redis_url: str, port: int, log_dir: Path) -> Supervisor:
-    env = {**os.environ, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
-    sup = Supervisor(env=env, log_dir=log_dir)
-    sup.add("worker-chat", tokenpool_argv("worker", "--model", "chat", "--gpu", "cpu"))
-    sup.add("api", tokenpool_argv("api", "--port", str(port), "--log-level", "WARNING"))
-    sup.start()
-    return sup
-
-
-def wait_ready(http: httpx.Client, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            ready = http.get("/ready").json()
-            if "chat" not in ready.get("missing_workers", ["chat"]):
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError("the chat worker never became ready")
 
 
 def p50(values: list[float]) -> float:

@@ -61,7 +61,7 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,  # a second message per job; Flower sees received onward
         worker_hijack_root_logger=False,
         enable_utc=True,
     )

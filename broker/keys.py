@@ -53,6 +53,12 @@ class Keys:
         """Celery queue (a Redis list) of one model's jobs."""
         return f"{self.prefix}.{model}"
 
+    def queue_lists(self, model: str) -> list[str]:
+        """The Redis lists behind a model's queue: kombu keeps one per priority step (Celery
+        priority 0 in the plain name, n in `<queue>:n`); their lengths sum to its depth."""
+        queue = self.queue(model)
+        return [queue] + [f"{queue}:{step}" for step in range(1, 10)]
+
 
 def stream_id(seq: int) -> str:
     """The stream entry id of event `seq`: resuming after seq N is XREAD from `N-1`."""

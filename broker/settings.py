@@ -43,6 +43,16 @@ class ModelSpec(BaseModel):
     max_text_chars: int = Field(8192, ge=1, description="embedding: longest text in characters")
     dimensions: int | None = Field(None, ge=1, description="embedding size, if known ahead")
     gpu: str = Field("cpu", pattern=r"^(cpu|\d+)$", description="where `up` pins its worker")
+    max_batch: int = Field(
+        8, ge=1, le=64, description="jobs one worker runs at once (llm: sequences decoded "
+        "together; embedding: jobs gathered into one encode)"
+    )
+    prompt_chunk_tokens: int = Field(
+        128, ge=8, le=4096, description="llm: prompt tokens a joining job adds to one step"
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="embedding: how long to gather jobs for one encode"
+    )
 
 
 def default_models() -> dict[str, ModelSpec]:
@@ -50,7 +60,8 @@ def default_models() -> dict[str, ModelSpec]:
     return {
         "chat": ModelSpec(kind="llm", source=BUNDLED_GEMMA, n_ctx=2048, max_tokens=1024),
         "summary": ModelSpec(kind="llm", source=BUNDLED_GEMMA, n_ctx=4096, max_tokens=512),
-        "embed": ModelSpec(kind="embedding", source=BUNDLED_MINILM, dimensions=384),
+        "embed": ModelSpec(kind="embedding", source=BUNDLED_MINILM, dimensions=384,
+                           max_batch=32),
     }
 
 
@@ -78,6 +89,7 @@ class Settings(BaseSettings):
     flower_password: str | None = Field(None, description="unset: generated and printed by up")
     embedded_redis_port: int = Field(6379, ge=0, le=65535, description="tried first by up")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body")
+    max_batch_jobs: int = Field(1000, ge=1, description="most jobs in one POST /v1/jobs/batch")
     job_ttl_s: int = Field(86_400, ge=1, description="job record and stream life after it ends")
     live_ttl_s: int = Field(7 * 86_400, ge=60, description="life of a job not yet ended")
     stream_maxlen: int = Field(100_000, ge=100, description="events kept per job stream")

@@ -79,7 +79,8 @@ def worker(
     runtime.start()
     try:
         app.worker_main([
-            "worker", "-Q", Keys(settings.key_prefix).queue(model), "-P", "threads", "-c", "1",
+            "worker", "-Q", Keys(settings.key_prefix).queue(model), "-P", "threads",
+            "-c", str(settings.models[model].max_batch),
             "-n", name, "--loglevel", log_level, "--without-mingle", "--without-gossip", "-E",
         ])
     finally:

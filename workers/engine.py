@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,8 +28,9 @@ class TextModel(Protocol):
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
-    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[bytes]:
-        """Evaluate `tokens`, then yield each sampled token's bytes until end of generation."""
+    def generate(self, tokens: list[int], sampling: Sampling) -> Generator[bytes, None, None]:
+        """Evaluate `tokens`, then yield each sampled token's bytes until end of generation;
+        closing the iterator early ends the generation."""
         ...
 
     def close(self) -> None: ...

@@ -1,56 +1,133 @@
-"""The llama.cpp text model (llama-cpp-python), resident for the life of the worker."""
+"""The llama.cpp text model (llama-cpp-python's low-level API), resident for the life of the
+worker: one context with a KV cache sequence per batch slot, decoded by a `BatchEngine`."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import Any
 
+from workers.batching import BatchEngine, Request, pieces
 from workers.engine import Sampling
+
+PENALTY_LAST_N = 64  # llama-cpp-python's default window for repeat_penalty
+
+
+class LlamaBackend:
+    """One llama.cpp context shared by `n_seq` sequences (a unified KV cache, so sequences can
+    share cells of a common prefix)."""
+
+    def __init__(self, path: Path, n_ctx_seq: int, n_seq: int, n_gpu_layers: int,
+                 n_threads: int | None, n_batch: int) -> None:
+        from llama_cpp import _internals, llama_cpp
+
+        self.C = llama_cpp
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+        threads = n_threads or os.cpu_count() or 1
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx_seq * n_seq
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.kv_unified = True  # cells can belong to several sequences: shared prefixes
+        self.can_share = True
+        cparams.swa_full = True  # so a sequence can be cut back to a shared prefix
+        self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
+        self.ctx = self.context.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab()
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._buf = ctypes.create_string_buffer(256)
+
+    def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        batch = self.batch
+        for i, (token, pos, seq, wants) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = wants
+        batch.n_tokens = len(entries)
+        code = self.C.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+
+    def sampler_for(self, sampling: Sampling) -> Any:
+        from llama_cpp import _internals
+
+        chain = _internals.LlamaSampler()
+        chain.add_penalties(self.n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0)
+        if sampling.temperature == 0:
+            chain.add_greedy()
+            return chain
+        seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
+        chain.add_top_k(sampling.top_k)
+        chain.add_top_p(sampling.top_p, 1)
+        chain.add_min_p(sampling.min_p, 1)
+        chain.add_temp(sampling.temperature)
+        chain.add_dist(seed)
+        return chain
+
+    def sample(self, request: Request, batch_index: int) -> int:
+        if request.sampler is None:
+            request.sampler = self.sampler_for(request.sampling)
+        chain: Any = request.sampler
+        return int(self.C.llama_sampler_sample(chain.sampler, self.ctx, batch_index))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.C.llama_vocab_is_eog(self.vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        n = self.C.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+        return self._buf.raw[:n] if n >= 0 else b""
+
+    def forget(self, seq: int, from_pos: int) -> None:
+        self.C.llama_memory_seq_rm(self.memory, seq, from_pos, -1)
+
+    def share(self, src: int, dst: int, n_tokens: int) -> None:
+        if n_tokens > 0:
+            self.C.llama_memory_seq_cp(self.memory, src, dst, 0, n_tokens)
+
+    def close(self) -> None:
+        self.C.llama_batch_free(self.batch)
+        self.context.close()
+        self.model.close()
 
 
 class LlamaModel:
-    def __init__(
-        self, path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int | None
-    ) -> None:
-        from llama_cpp import Llama
+    """The TextModel of a generation worker: up to `max_batch` generations at once."""
 
-        self.llm = Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads or os.cpu_count() or 1,
-            n_threads_batch=n_threads or os.cpu_count() or 1,
-            verbose=False,
-        )
-        self.n_ctx = self.llm.n_ctx()
+    def __init__(self, path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
+                 max_batch: int = 1, prompt_chunk: int = 128) -> None:
+        n_batch = max(512, prompt_chunk + max_batch)
+        self.backend = LlamaBackend(path, n_ctx, max_batch, n_gpu_layers, n_threads, n_batch)
+        self.n_ctx = n_ctx
+        self.engine = BatchEngine(self.backend, max_batch, n_ctx, n_batch, prompt_chunk)
+
+    @property
+    def batches(self) -> int:
+        """Decode steps so far (each serves every active job at once)."""
+        return self.engine.steps
 
     def tokenize(self, text: str, special: bool, add_bos: bool = True) -> list[int]:
-        return list(self.llm.tokenize(text.encode(), add_bos=add_bos, special=special))
+        return list(self.backend.model.tokenize(text.encode(), add_bos, special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.llm.detokenize(list(tokens)).decode(errors="replace")
+        return self.backend.model.detokenize(list(tokens)).decode(errors="replace")
 
-    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[bytes]:
-        from llama_cpp import llama_cpp
-
-        seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
-        self.llm.set_seed(seed)
-        vocab = self.llm._model.vocab
-        context = list(tokens)
-        for token in self.llm.generate(
-            tokens,
-            temp=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            repeat_penalty=sampling.repeat_penalty,
-        ):
-            if llama_cpp.llama_vocab_is_eog(vocab, token) or len(context) >= self.n_ctx:
-                return
-            yield self.llm.detokenize([token], prev_tokens=context)
-            context.append(token)
+    def generate(
+        self, tokens: list[int], sampling: Sampling, priority: int = 5
+    ) -> Generator[bytes, None, None]:
+        request = Request(tokens=list(tokens), sampling=sampling,
+                          max_new=sampling.max_tokens, priority=priority)
+        return pieces(self.engine, request)
 
     def close(self) -> None:
-        self.llm.close()
+        self.engine.close()
+        self.backend.close()

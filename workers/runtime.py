@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -33,10 +32,13 @@ def load_model(spec: ModelSpec, settings: Settings, gpu: str) -> TextModel | Emb
     if spec.kind == "llm":
         from workers.llama_model import LlamaModel
 
-        return LlamaModel(path, spec.n_ctx, layers_on(gpu, spec.n_gpu_layers), spec.n_threads)
+        return LlamaModel(path, spec.n_ctx, layers_on(gpu, spec.n_gpu_layers), spec.n_threads,
+                          spec.max_batch, spec.prompt_chunk_tokens)
+    from workers.microbatch import MicroBatcher
     from workers.st_model import SentenceTransformerModel
 
-    return SentenceTransformerModel(path, torch_device(gpu))
+    model = SentenceTransformerModel(path, torch_device(gpu))
+    return MicroBatcher(model, spec.batch_wait_ms / 1000, spec.max_batch * spec.max_texts)
 
 
 class WorkerRuntime:
@@ -51,9 +53,10 @@ class WorkerRuntime:
         self.keys = Keys(settings.key_prefix)
         self.redis = worker_redis(redis_url, settings.worker_redis_retry_s, name)
         self.store = JobStore(self.redis, settings)
-        self.state = "idle"
+        self.model_state = "idle"  # idle, loading, loaded or error
         self.counts = {"jobs_done": 0, "jobs_failed": 0}
-        self.current_job: str | None = None
+        self.jobs: set[str] = set()  # running now: up to max_batch, one per Celery thread
+        self._jobs_lock = threading.Lock()
         self._model: TextModel | EmbeddingModel | None = None
         self._load_error: str | None = None
         self._lock = threading.Lock()
@@ -68,12 +71,23 @@ class WorkerRuntime:
             if celery is not None else None
         )
 
+    @property
+    def state(self) -> str:
+        return "generating" if self.jobs and self.model_state == "loaded" else self.model_state
+
+    def _count(self, name: str) -> None:
+        with self._jobs_lock:
+            self.counts[name] += 1
+
     def snapshot(self) -> dict[str, Any]:
+        with self._jobs_lock:
+            jobs = sorted(self.jobs)
         return {
             "name": self.name, "model": self.model_name, "kind": self.spec.kind,
             "gpu": self.gpu, "queue": self.keys.queue(self.model_name), "state": self.state,
-            "current_job": self.current_job, "error": self._load_error, **self.counts,
-            "jobs": [self.current_job] if self.current_job else [],
+            "current_job": min(jobs) if jobs else None, "error": self._load_error,
+            **self.counts, "jobs": jobs, "max_batch": self.spec.max_batch,
+            "batches": getattr(self._model, "batches", None),
         }
 
     def start(self) -> None:
@@ -86,16 +100,17 @@ class WorkerRuntime:
     def model(self) -> TextModel | EmbeddingModel:
         with self._lock:
             if self._model is None:
-                self.state = "loading"
+                self.model_state = "loading"
                 self.heartbeat.beat()
                 started = time.monotonic()
                 try:
                     self._model = load_model(self.spec, self.settings, self.gpu)
                 except Exception as exc:
-                    self.state, self._load_error = "error", f"{type(exc).__name__}: {exc}"
+                    self.model_state = "error"
+                    self._load_error = f"{type(exc).__name__}: {exc}"
                     raise
                 log.info("model %s loaded in %.2fs", self.model_name, time.monotonic() - started)
-                self.state, self._load_error = "loaded", None
+                self.model_state, self._load_error = "loaded", None
             return self._model
 
     def stop(self) -> None:
@@ -110,26 +125,24 @@ class WorkerRuntime:
     def run(self, job_id: str, kind: str, dispatch: int = 1) -> str:
         """Run one delivery of a job to a final event; returns the job's final status, or
         `skipped` when this delivery must not run, or `lost` when Redis stayed away."""
-        self.current_job, self.state = job_id, "generating"
+        with self._jobs_lock:
+            self.jobs.add(job_id)
         try:
             started = self.store.start(job_id, self.name, dispatch, uuid.uuid4().hex)
             if started is None:
                 log.info("job %s: delivery %d is stale (ended, running or requeued); not run",
                          job_id, dispatch)
                 return "skipped"
-            self._beat()  # from now the reaper sees this job as ours
             return self._run(job_id, kind, started)
         except redis.RedisError as exc:
             log.error("job %s: Redis unreachable for %.0fs (%s); left to the reaper", job_id,
                       self.settings.worker_redis_retry_s, exc)
             return "lost"
         finally:
-            self.current_job, self.state = None, "loaded" if self._model else self.state
-            self._beat()
-
-    def _beat(self) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.heartbeat.beat()
+            # The next heartbeat says so; the reaper judges a job only by a heartbeat written
+            # a second after its start, which names every job this worker runs by then.
+            with self._jobs_lock:
+                self.jobs.discard(job_id)
 
     def _run(self, job_id: str, kind: str, started: Started) -> str:
         record = self.store.get(job_id) or {}
@@ -151,13 +164,13 @@ class WorkerRuntime:
         except redis.RedisError:
             raise
         except Exception as exc:
-            self.counts["jobs_failed"] += 1
+            self._count("jobs_failed")
             error_type, message = _error_of(exc, record)
             out.fail(error_type, message)
             log.warning("job %s: failed: %s: %s", job_id, error_type, message)
             return "failed"
         out.succeed(outcome.result, outcome.usage)
-        self.counts["jobs_done"] += 1
+        self._count("jobs_done")
         log.info("job %s: succeeded %s", job_id, outcome.usage)
         return "succeeded"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -67,16 +68,18 @@ def stream_text(
         gen.finish_reason = "length"
         return
     gen.finish_reason = "stop"
-    for piece in model.generate(prompt_tokens, sampling):
-        gen.completion_tokens += 1
-        text, stopped = stops.feed(decoder.decode(piece))
-        if text:
-            yield text
-        if stopped:
-            return
-        if gen.completion_tokens >= budget:
-            gen.finish_reason = "length"
-            break
+    # Closed as soon as we stop reading: a batched model frees the job's slot at once.
+    with contextlib.closing(model.generate(prompt_tokens, sampling)) as sampled:
+        for piece in sampled:
+            gen.completion_tokens += 1
+            text, stopped = stops.feed(decoder.decode(piece))
+            if text:
+                yield text
+            if stopped:
+                return
+            if gen.completion_tokens >= budget:
+                gen.finish_reason = "length"
+                break
     tail, _ = stops.feed(decoder.decode(b"", final=True))
     tail += stops.flush()
     if tail:

