@@ -14,6 +14,9 @@ TASK_NAMES = {
     "summarize": "tokenpool.summarize",
     "embed": "tokenpool.embed",
 }
+# One message for many jobs of one kind (a batch POST): Celery's per-message cost (a handful
+# of Redis round trips on the worker's consumer thread) is paid once for all of them.
+BULK_TASK_NAMES = {kind: f"{name}_many" for kind, name in TASK_NAMES.items()}
 
 
 def celery_priority(priority: int) -> int:
@@ -32,6 +35,16 @@ def send_job(
     """Queue one delivery of a job on its model's queue; the message carries ids only."""
     app.send_task(
         TASK_NAMES[kind], args=[job_id, model, dispatch], task_id=task_id_of(job_id, dispatch),
+        queue=keys.queue(model), priority=celery_priority(priority),
+    )
+
+
+def send_bulk(
+    app: Celery, keys: Keys, job_ids: list[str], kind: str, model: str, priority: int
+) -> None:
+    """Queue the first delivery of many jobs of one kind and model as one message."""
+    app.send_task(
+        BULK_TASK_NAMES[kind], args=[job_ids, model], task_id=f"bulk-{job_ids[0]}",
         queue=keys.queue(model), priority=celery_priority(priority),
     )
 
