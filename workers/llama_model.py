@@ -10,7 +10,7 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from workers.batching import BatchEngine, Request, pieces
+from workers.batching import BatchEngine, InvariantBatchEngine, Request, pieces
 from workers.engine import Sampling
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for repeat_penalty
@@ -21,7 +21,7 @@ class LlamaBackend:
     share cells of a common prefix)."""
 
     def __init__(self, path: Path, n_ctx_seq: int, n_seq: int, n_gpu_layers: int,
-                 n_threads: int | None, n_batch: int) -> None:
+                 n_threads: int | None, n_batch: int, unified: bool = True) -> None:
         from llama_cpp import _internals, llama_cpp
 
         self.C = llama_cpp
@@ -34,8 +34,10 @@ class LlamaBackend:
         cparams.n_batch = cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq
         cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.kv_unified = True  # cells can belong to several sequences: shared prefixes
-        self.can_share = True
+        # Unified: cells can belong to several sequences (shared prefixes). Not unified: one
+        # KV stream per sequence, whose arithmetic no other sequence touches.
+        cparams.kv_unified = unified
+        self.can_share = unified
         cparams.swa_full = True  # so a sequence can be cut back to a shared prefix
         self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
         self.ctx = self.context.ctx
@@ -104,11 +106,13 @@ class LlamaModel:
     """The TextModel of a generation worker: up to `max_batch` generations at once."""
 
     def __init__(self, path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
-                 max_batch: int = 1, prompt_chunk: int = 128) -> None:
+                 max_batch: int = 1, prompt_chunk: int = 128, invariant: bool = False) -> None:
         n_batch = max(512, prompt_chunk + max_batch)
-        self.backend = LlamaBackend(path, n_ctx, max_batch, n_gpu_layers, n_threads, n_batch)
+        self.backend = LlamaBackend(path, n_ctx, max_batch, n_gpu_layers, n_threads, n_batch,
+                                    unified=not invariant)
         self.n_ctx = n_ctx
-        self.engine = BatchEngine(self.backend, max_batch, n_ctx, n_batch, prompt_chunk)
+        engine = InvariantBatchEngine if invariant else BatchEngine
+        self.engine = engine(self.backend, max_batch, n_ctx, n_batch, prompt_chunk)
 
     @property
     def batches(self) -> int:

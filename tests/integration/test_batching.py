@@ -112,3 +112,16 @@ def test_a_batch_post_queues_every_job_and_each_completes(stack):
     assert all(j["status"] == "succeeded" for j in finished)
     assert [j["kind"] for j in finished] == ["embed"] * 20 + ["generate"]
     assert all(len(j["result"]["embeddings"][0]) == 384 for j in finished[:20])
+
+
+def test_with_batch_invariance_greedy_text_is_the_same_alone_or_beside_seven_others(stack):
+    subjects = ["fox", "cat", "ship", "king", "moon", "tree", "girl", "robot"]
+    bodies = [{"kind": "generate", "model": "exact", "max_tokens": 40, "temperature": 0,
+               "prompt": f"Story {i}: once upon a time, a {w} and"}
+              for i, w in enumerate(subjects)]
+    alone = [stack.wait_final(stack.submit(body))["result"]["text"] for body in bodies]
+    ids = [stack.submit(body) for body in bodies]
+    together = [stack.wait_final(job_id) for job_id in ids]
+    assert max(j["started_at"] for j in together) < min(j["finished_at"] for j in together)
+    assert [j["result"]["text"] for j in together] == alone
+    assert len(set(alone)) == 8  # eight different texts, not one repeated

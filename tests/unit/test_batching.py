@@ -147,3 +147,27 @@ def test_a_request_waits_for_a_long_prefix_another_slot_is_still_decoding():
         assert decoded == len(system) + 2  # the shared prefix once, then each tail token
     finally:
         engine.close()
+
+
+def test_an_invariant_engine_runs_every_step_in_one_fixed_shape():
+    from workers.batching import InvariantBatchEngine
+
+    backend = FakeBackend()
+    engine = InvariantBatchEngine(backend, max_batch=3, n_ctx=100, prompt_chunk=4)
+    try:
+        outs = {}
+        reqs = [request([10, 11, 12, 13, 14, 15], max_new=2), request([20], max_new=3)]
+        threads = [threading.Thread(target=lambda r=r: outs.__setitem__(
+            r.tokens[0], b"".join(pieces(engine, r)))) for r in reqs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert outs == {10: b"<16><17>", 20: b"<21><22><23>"}
+        shapes = {len(batch) for batch in backend.batches}
+        assert shapes <= {3, 4}  # decode steps: one row per slot; prompt steps: the chunk
+        prompt_steps = [b for b in backend.batches if len(b) == 4]
+        assert all(len({seq for *_, seq, _ in b}) == 1 for b in prompt_steps)
+        assert backend.forgot  # the padding rows were dropped again
+    finally:
+        engine.close()
