@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
 from api import batch, deadletters, jobs, ops
 from api.admission import Vocabularies
@@ -33,6 +33,12 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis error on %s: %s", request.url.path, exc)
     return ApiError(503, "unavailable", "the job store is unavailable; retry later").response()
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up mid-request: nothing was stored, and nobody reads an answer."""
+    log.info("client went away during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -65,6 +71,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
             ApiError: api_error_handler,
             HTTPException: http_error,
             aioredis.RedisError: redis_down,
+            ClientDisconnect: client_gone,
             Exception: internal_error,
         },
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import statistics
 import tempfile
@@ -46,10 +47,23 @@ def direct(model, batch: list[str]) -> float:
     return len(batch) / (time.perf_counter() - started)
 
 
+async def post_once(client: httpx.AsyncClient, body: dict[str, object], key: str) -> str:
+    """POST a job, retrying a dropped connection under the same Idempotency-Key."""
+    for attempt in range(5):
+        try:
+            reply = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+            return str(reply.json()["id"])
+        except httpx.TransportError:
+            await asyncio.sleep(0.2 * (attempt + 1))
+    raise RuntimeError(f"{key}: the API kept dropping the connection")
+
+
 async def submit_each(client: httpx.AsyncClient, batch: list[str]) -> set[str]:
-    replies = await asyncio.gather(*(
-        client.post("/v1/jobs", json={"kind": "embed", "texts": [text]}) for text in batch))
-    return {r.json()["id"] for r in replies}
+    ids = await asyncio.gather(*(
+        post_once(client, {"kind": "embed", "texts": [text]},
+                  "bench-" + hashlib.sha1(text.encode()).hexdigest())
+        for text in batch))
+    return set(ids)
 
 
 async def submit_batch(client: httpx.AsyncClient, batch: list[str]) -> set[str]:
