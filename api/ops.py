@@ -40,14 +40,12 @@ async def ready(request: Request) -> JSONResponse:
 
 async def queue_depths(state: Any) -> dict[str, int]:
     """Jobs waiting in each model's Celery queue (all priority steps)."""
-    names = list(state.settings.models)
+    lists = {name: state.keys.queue_lists(name) for name in state.settings.models}
     pipe = state.redis.pipeline(transaction=False)
-    for name in names:
-        for key in state.keys.queue_lists(name):
-            pipe.llen(key)
-    lengths = await pipe.execute()
-    per = len(state.keys.queue_lists(names[0])) if names else 0
-    return {name: sum(lengths[i * per:(i + 1) * per]) for i, name in enumerate(names)}
+    for key in (key for keys in lists.values() for key in keys):
+        pipe.llen(key)
+    lengths = iter(await pipe.execute())
+    return {name: sum(next(lengths) for _ in keys) for name, keys in lists.items()}
 
 
 async def models(request: Request) -> JSONResponse:

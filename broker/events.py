@@ -66,10 +66,10 @@ async def follow(
             reply = cast(XReadReply, await client.xread(
                 {stream: last}, count=512, block=int(block_s * 1000)
             ))
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError):
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > reconnect_s:
-                raise exc
+                raise
             await asyncio.sleep(RECONNECT_PAUSE_S)
             continue
         down_since = None

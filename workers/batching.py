@@ -36,6 +36,8 @@ SHARED_PREFIX_MIN = 32  # tokens of a coming shared prefix worth waiting for
 class Backend(Protocol):
     """The few llama.cpp operations the engine needs (a fake implements them in tests)."""
 
+    can_share: bool  # whether one sequence can take another's cells (a unified KV cache)
+
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """Decode (token, pos, seq, wants logits) entries in one batch."""
         ...
@@ -186,7 +188,7 @@ class BatchEngine:
     def _prefix_coming(self, request: Request) -> bool:
         """Another slot is still decoding a prompt that shares a long prefix with this one:
         wait for its cells rather than compute the same prefix twice."""
-        if not getattr(self.backend, "can_share", True):
+        if not self.backend.can_share:
             return False
         for slot in self.slots:
             if slot.request is None or not slot.pending:
@@ -201,7 +203,7 @@ class BatchEngine:
         free = [s for s in self.slots if s.request is None]
         # Prefer a free slot whose own cache matches best, then any donor's cells.
         target = max(free, key=lambda s: common_prefix(s.cached, request.tokens))
-        donors = self.slots if getattr(self.backend, "can_share", True) else [target]
+        donors = self.slots if self.backend.can_share else [target]
         donor, n = best_donor(donors, target, request.tokens)
         if donor is target:
             self.backend.forget(target.seq, n)
@@ -250,8 +252,7 @@ class BatchEngine:
         request = slot.request
         if request is None:
             return
-        if slot.pending:  # tokens never decoded are not in the cache
-            slot.pending = []
+        slot.pending = []  # tokens never decoded are not in the cache
         request.out.put(error if error is not None else END)
         slot.request = None
 

@@ -125,11 +125,8 @@ class LlamaModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.backend.model.detokenize(list(tokens)).decode(errors="replace")
 
-    def generate(
-        self, tokens: list[int], sampling: Sampling, priority: int = 5
-    ) -> Generator[bytes, None, None]:
-        request = Request(tokens=list(tokens), sampling=sampling,
-                          max_new=sampling.max_tokens, priority=priority)
+    def generate(self, tokens: list[int], sampling: Sampling) -> Generator[bytes, None, None]:
+        request = Request(tokens=list(tokens), sampling=sampling, max_new=sampling.max_tokens)
         return pieces(self.engine, request)
 
     def close(self) -> None:

@@ -19,16 +19,17 @@ def assert_clean(events, text):
     assert tokens_of(events) == text
 
 
-def chat_beat(stack):
+def beat_of(stack, model):
+    """The last heartbeat of the worker serving `model`."""
     names = [n.decode() for n in stack.redis.zrange(stack.keys.workers(), 0, -1)]
     beats = [json.loads(stack.redis.get(stack.keys.worker(n)) or "{}") for n in names]
-    return next(b for b in beats if b.get("model") == "chat")
+    return next(b for b in beats if b.get("model") == model)
 
 
 def test_eight_jobs_decode_together_each_with_its_own_clean_stream(stack):
     bodies = [{"kind": "generate", "prompt": f"Tale {i}: once upon a time", "max_tokens": 40,
                "temperature": 0.8, "seed": i, "stop": ["\n\n\n"]} for i in range(8)]
-    steps_before = chat_beat(stack)["batches"]
+    steps_before = beat_of(stack, "chat")["batches"]
     ids = [stack.submit(body) for body in bodies]
     with ThreadPoolExecutor(8) as pool:
         streams = list(pool.map(stack.events, ids))
@@ -40,7 +41,7 @@ def test_eight_jobs_decode_together_each_with_its_own_clean_stream(stack):
     assert max(j["started_at"] for j in jobs) < min(j["finished_at"] for j in jobs)
     # ... and shared decode steps: far fewer steps than the tokens they sampled.
     sampled = sum(j["usage"]["completion_tokens"] for j in jobs)
-    steps = chat_beat(stack)["batches"] - steps_before
+    steps = beat_of(stack, "chat")["batches"] - steps_before
     assert steps < sampled * 0.6, (steps, sampled)
 
 
@@ -76,11 +77,11 @@ def test_a_short_job_finishes_while_long_ones_are_still_running(stack):
 def test_concurrent_embed_jobs_share_encode_calls_and_each_gets_its_own_rows(stack):
     texts = [f"sentence number {i} about {'cats' if i % 2 else 'ships'}" for i in range(16)]
     alone = stack.wait_final(stack.submit({"kind": "embed", "texts": [texts[0]]}))
-    before = next(b for b in _beats(stack) if b["model"] == "embed")["batches"]
+    before = beat_of(stack, "embed")["batches"]
     with ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(lambda t: stack.submit({"kind": "embed", "texts": [t]}), texts))
     jobs = [stack.wait_final(job_id) for job_id in ids]
-    after = next(b for b in _beats(stack) if b["model"] == "embed")["batches"]
+    after = beat_of(stack, "embed")["batches"]
     assert all(j["status"] == "succeeded" for j in jobs)
     assert after - before < len(texts)  # some jobs were gathered into one encode
     first = jobs[0]["result"]["embeddings"][0]
@@ -88,11 +89,6 @@ def test_concurrent_embed_jobs_share_encode_calls_and_each_gets_its_own_rows(sta
     assert math.dist(first, alone["result"]["embeddings"][0]) < 1e-4  # its own row, not another's
     others = [j["result"]["embeddings"][0] for j in jobs[1:]]
     assert all(math.dist(first, v) > 1e-3 for v in others)
-
-
-def _beats(stack):
-    names = [n.decode() for n in stack.redis.zrange(stack.keys.workers(), 0, -1)]
-    return [json.loads(stack.redis.get(stack.keys.worker(n)) or "{}") for n in names]
 
 
 def test_models_report_queue_depth_running_jobs_and_batch_size(stack):

@@ -13,6 +13,8 @@ EOG = 99
 class FakeBackend:
     """'Samples' the next integer after the last token of the sequence; EOG after `stop_at`."""
 
+    can_share = True
+
     def __init__(self, stop_at: int = 1000) -> None:
         self.stop_at = stop_at
         self.batches: list[list[tuple[int, int, int, bool]]] = []
@@ -51,6 +53,18 @@ def request(tokens, max_new=3, priority=5):
                    priority=priority)
 
 
+def run_together(engine, reqs):
+    """Each request's pieces, joined, keyed by its first prompt token; run on threads."""
+    results = {}
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(
+        r.tokens[0], b"".join(pieces(engine, r)))) for r in reqs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    return results
+
+
 def test_decoding_sequences_go_first_and_prompts_share_a_chunk_budget():
     decoding = [Slot(i, request=request([1]), pending=[7]) for i in range(3)]
     joining = Slot(3, request=request(range(300)), pending=list(range(300)))
@@ -71,17 +85,10 @@ def test_each_request_gets_its_own_tokens_from_shared_steps():
     backend = FakeBackend()
     engine = BatchEngine(backend, max_batch=4, n_ctx=100)
     try:
-        reqs = [request([10 * (i + 1)], max_new=3) for i in range(4)]
-        outs = [b"".join(pieces(engine, r)) for r in reqs[:1]]
-        assert outs == [b"<11><12><13>"]
-        results = {}
-        threads = [threading.Thread(target=lambda r=r: results.__setitem__(
-            r.tokens[0], b"".join(pieces(engine, r)))) for r in reqs[1:]]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(5)
-        assert results == {20: b"<21><22><23>", 30: b"<31><32><33>", 40: b"<41><42><43>"}
+        assert b"".join(pieces(engine, request([10], max_new=3))) == b"<11><12><13>"
+        reqs = [request([10 * i], max_new=3) for i in (2, 3, 4)]
+        assert run_together(engine, reqs) == {
+            20: b"<21><22><23>", 30: b"<31><32><33>", 40: b"<41><42><43>"}
     finally:
         engine.close()
 
@@ -155,15 +162,8 @@ def test_an_invariant_engine_runs_every_step_in_one_fixed_shape():
     backend = FakeBackend()
     engine = InvariantBatchEngine(backend, max_batch=3, n_ctx=100, prompt_chunk=4)
     try:
-        outs = {}
         reqs = [request([10, 11, 12, 13, 14, 15], max_new=2), request([20], max_new=3)]
-        threads = [threading.Thread(target=lambda r=r: outs.__setitem__(
-            r.tokens[0], b"".join(pieces(engine, r)))) for r in reqs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(5)
-        assert outs == {10: b"<16><17>", 20: b"<21><22><23>"}
+        assert run_together(engine, reqs) == {10: b"<16><17>", 20: b"<21><22><23>"}
         shapes = {len(batch) for batch in backend.batches}
         assert shapes <= {3, 4}  # decode steps: one row per slot; prompt steps: the chunk
         prompt_steps = [b for b in backend.batches if len(b) == 4]
