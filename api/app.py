@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from api import batch, deadletters, jobs, ops
+from api import batch, deadletters, jobs, openai_compat, ops
 from api.admission import Vocabularies
 from api.errors import ApiError, api_error_handler
 from broker.celery_app import make_celery
@@ -65,7 +65,8 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
             await client.aclose()
 
     return Starlette(
-        routes=[*ops.routes, *batch.routes, *jobs.routes, *deadletters.routes],
+        routes=[*ops.routes, *batch.routes, *jobs.routes, *deadletters.routes,
+                *openai_compat.routes],
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

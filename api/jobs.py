@@ -94,9 +94,21 @@ async def create_and_enqueue(
 ) -> JSONResponse:
     """Store a queued job and send its first delivery: 202, or the earlier job of the key."""
     record = job_record(state, job, **extra)
-    job_id, created = await state.store.create(uuid.uuid4().hex, record, idem_key)
+    job_id, created = await store_and_send(state, job, record, idem_key)
     if not created:
         return await _replayed(state, job_id, record["fingerprint"])
+    body = {"id": job_id, "status": "queued", "links": links(job_id), **extra}
+    return JSONResponse(body, 202)
+
+
+async def store_and_send(
+    state: Any, job: JobRequest, record: dict[str, Any], idem_key: str | None = None
+) -> tuple[str, bool]:
+    """Store a queued job and send its first delivery: (job id, created); with a known
+    Idempotency-Key, (the earlier job's id, False) and nothing is sent."""
+    job_id, created = await state.store.create(uuid.uuid4().hex, record, idem_key)
+    if not created:
+        return job_id, False
     try:
         await enqueue(state, job_id, job.kind, job.model, job.priority)
     except ApiError:
@@ -104,8 +116,7 @@ async def create_and_enqueue(
             await state.redis.delete(state.keys.idempotency(idem_key))
         raise
     log.info("job %s: queued %s on %s", job_id, job.kind, job.model)
-    body = {"id": job_id, "status": "queued", "links": links(job_id), **extra}
-    return JSONResponse(body, 202)
+    return job_id, True
 
 
 async def _replayed(state: Any, job_id: str, fingerprint: str) -> JSONResponse:

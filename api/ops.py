@@ -53,7 +53,8 @@ async def models(request: Request) -> JSONResponse:
     by_model = await fleet(state)
     depths = await queue_depths(state)
     data = [
-        {"id": name, "object": "model", "kind": spec.kind, "n_ctx": spec.n_ctx,
+        {"id": name, "object": "model", "created": 0, "owned_by": "tokenpool",
+         "kind": spec.kind, "n_ctx": spec.n_ctx,
          "max_tokens": spec.max_tokens, "chat_format": spec.chat_format,
          "max_batch": spec.max_batch, "queue_depth": depths[name],
          "running": sum(len(w.get("jobs", [])) for w in by_model.get(name, [])),

@@ -40,6 +40,8 @@ class GenerateJob(_Job):
     top_k: int = Field(40, ge=0)
     min_p: float = Field(0.05, ge=0.0, le=1.0)
     repeat_penalty: float = Field(1.1, gt=0.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: per count")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: once seen")
     seed: int | None = Field(None, ge=0, lt=2**32)
     stop: list[str] = Field(default_factory=list, max_length=16)
 

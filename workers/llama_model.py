@@ -64,7 +64,8 @@ class LlamaBackend:
         from llama_cpp import _internals
 
         chain = _internals.LlamaSampler()
-        chain.add_penalties(self.n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0)
+        chain.add_penalties(self.n_vocab, PENALTY_LAST_N, sampling.repeat_penalty,
+                            sampling.frequency_penalty, sampling.presence_penalty)
         if sampling.temperature == 0:
             chain.add_greedy()
             return chain

@@ -30,6 +30,7 @@ def sampling_of(job: GenerateJob, stop: tuple[str, ...]) -> Sampling:
     return Sampling(
         max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
         top_k=job.top_k, min_p=job.min_p, repeat_penalty=job.repeat_penalty,
+        frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
         seed=job.seed, stop=stop,
     )
 

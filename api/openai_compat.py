@@ -1,0 +1,384 @@
+"""OpenAI-compatible routes: each request becomes an ordinary queued job, answered in OpenAI's
+shapes (chat completions, completions, embeddings; streamed as chunks ending `data: [DONE]`).
+
+The job is a normal one: it shows in `/v1/jobs`, its Redis stream and Flower; the reply's
+`X-Tokenpool-Job-Id` header names it. A client that hangs up cancels it. Parameters a model
+served here can't honour (n > 1, logprobs, tools, echo, suffix) are refused naming the
+parameter, not silently dropped; tokenpool's own ones (priority, timeout_s, top_k, min_p,
+repeat_penalty) are accepted as extras (`extra_body` in the openai package).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.admission import admit
+from api.errors import ApiError, field_name
+from api.jobs import job_record, parse_json, read_body, store_and_send
+from api.sse import CancelOnDisconnect
+from broker.events import StreamedEvent, follow
+from broker.messages import FINAL_TYPES, JOB_REQUEST, EmbedJob, GenerateJob
+
+JOB_HEADER = "X-Tokenpool-Job-Id"
+OPENAI_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions
+Body = TypeVar("Body", bound=BaseModel)
+EXTRAS = ("priority", "timeout_s", "top_k", "min_p", "repeat_penalty")
+
+
+class _Request(BaseModel):
+    """Fields OpenAI defines that we do not use are ignored, as llama-server and Ollama do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+
+
+class _Sampled(_Request):
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: Literal[1] = Field(1, description="one choice per request: a job is one sequence")
+    logprobs: Literal[False, None] = None
+    # tokenpool's own, sent by an OpenAI client as extra_body
+    priority: int | None = None
+    timeout_s: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+
+    def job_fields(self) -> dict[str, Any]:
+        names = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed",
+                 "stop", *EXTRAS)
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "\n".join(
+            part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(_Sampled):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Any] | None = Field(None, max_length=0, description="not supported")
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError("only {\"type\": \"text\"} is supported")
+        return value
+
+
+class CompletionRequest(_Sampled):
+    prompt: str | list[str]
+    echo: Literal[False] = False
+    suffix: None = None
+    logprobs: Literal[0, None] = None  # type: ignore[assignment]  # an int here, in OpenAI's API
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("send one prompt per request (a job is one sequence)")
+            return value[0]
+        return value
+
+
+class EmbeddingRequest(_Request):
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and not all(isinstance(v, str) for v in value):
+            raise ValueError("token arrays are not supported; send text")
+        return value
+
+
+def openai_error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    status, code = exc.status, exc.type
+    if code == "unknown_model":
+        status, code = 404, "model_not_found"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": exc.message, "type": kind, "param": exc.field, "code": code}}
+    return JSONResponse(body, status, headers=headers)
+
+
+def invalid(exc: ValidationError) -> ApiError:
+    first = exc.errors(include_url=False)[0]
+    param = field_name(tuple(first["loc"]))
+    message = first["msg"].removeprefix("Value error, ")
+    return ApiError(400, "invalid_request", f"{param or 'body'}: {message}", param)
+
+
+def openai_route(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return openai_error(exc)
+
+    return route
+
+
+async def parsed(request: Request, model: type[Body]) -> Body:
+    data = parse_json(await read_body(request, request.app.state.settings.max_body_bytes))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(exc) from None
+
+
+def as_job(fields: dict[str, Any]) -> Any:
+    """Our job from mapped fields; an error names our field, which mirrors OpenAI's here."""
+    try:
+        return JOB_REQUEST.validate_python(fields)
+    except ValidationError as exc:
+        raise invalid(exc) from None
+
+
+async def queue(request: Request, job: Any) -> str:
+    state = request.app.state
+    await admit(job, state.settings, state.vocab)
+    job_id, _ = await store_and_send(state, job, job_record(state, job, api="openai"))
+    return job_id
+
+
+async def final_record(state: Any, job_id: str) -> dict[str, Any]:
+    async for event in follow(state.redis, state.keys, job_id, -1, state.settings.sse_keepalive_s):
+        if event is not None and event.type in FINAL_TYPES:
+            break
+    record = await state.store.get(job_id)
+    if record is None:
+        raise ApiError(500, "job_expired", f"job {job_id} expired before it could be read")
+    return dict(record)
+
+
+async def until_disconnect(request: Request, job_id: str,
+                           work: Callable[[], Awaitable[Response]]) -> Response:
+    """Run `work`; if the client hangs up first, cancel the job and answer nobody."""
+    answer: Response = Response(status_code=499)
+
+    async def run(cancel: anyio.CancelScope) -> None:
+        nonlocal answer
+        answer = await work()
+        cancel.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, group.cancel_scope)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        group.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await request.app.state.store.cancel(job_id)
+    return answer
+
+
+def finish_reason(record: dict[str, Any]) -> str:
+    if record["status"] == "cancelled":
+        return "cancelled"
+    return str((record.get("result") or {}).get("finish_reason") or "stop")
+
+
+def usage_of(record: dict[str, Any]) -> dict[str, int]:
+    usage = record.get("usage") or {}
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+class Shape:
+    """How one endpoint names and fills its objects (chat and plain completions differ)."""
+
+    def __init__(self, job_id: str, model: str, chat: bool) -> None:
+        self.chat = chat
+        self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job_id}",
+                     "created": int(time.time()), "model": model}
+
+    def choice(self, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        delta = ({"role": "assistant", "content": text or ""} if first
+                 else {} if text is None else {"content": text})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        body = {**self.head, "object": kind, "choices": choices, **extra}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    def whole(self, record: dict[str, Any]) -> dict[str, Any]:
+        text = str((record.get("result") or {}).get("text") or "")
+        reason = finish_reason(record)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": reason}
+            kind = "chat.completion"
+        else:
+            choice, kind = self.choice(text, reason), "text_completion"
+        return {**self.head, "object": kind, "choices": [choice], "usage": usage_of(record)}
+
+
+async def chunks(state: Any, job_id: str, shape: Shape, with_usage: bool) -> AsyncIterator[bytes]:
+    if shape.chat:
+        yield shape.chunk([shape.choice("", None, first=True)])
+    keepalive_s = state.settings.sse_keepalive_s
+    async for event in follow(state.redis, state.keys, job_id, -1, keepalive_s):
+        if event is None:
+            yield b": keepalive\n\n"
+        elif event.type == "token":
+            yield shape.chunk([shape.choice(json.loads(event.data)["text"], None)])
+        elif event.type in FINAL_TYPES:
+            async for tail in ending(state, job_id, shape, event, with_usage):
+                yield tail
+            return
+
+
+async def ending(state: Any, job_id: str, shape: Shape, event: StreamedEvent,
+                 with_usage: bool) -> AsyncIterator[bytes]:
+    if event.type == "error":
+        error = json.loads(event.data)["error"]
+        body = {"error": {"message": error["message"], "type": "server_error", "param": None,
+                          "code": error["type"]}}
+        yield f"data: {json.dumps(body)}\n\n".encode()
+        return
+    record = await state.store.get(job_id) or {"status": "cancelled"}
+    yield shape.chunk([shape.choice(None, finish_reason(record))])
+    if with_usage:
+        yield shape.chunk([], usage=usage_of(record))
+    yield b"data: [DONE]\n\n"
+
+
+async def complete(request: Request, job_id: str, shape: Shape, body: _Sampled) -> Response:
+    state, headers = request.app.state, {JOB_HEADER: job_id}
+    if body.stream:
+        with_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def cancel() -> None:
+            await state.store.cancel(job_id)
+
+        return CancelOnDisconnect(
+            chunks(state, job_id, shape, with_usage), cancel, media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def whole() -> Response:
+        record = await final_record(state, job_id)
+        if record["status"] == "failed":
+            error = record.get("error") or {}
+            return openai_error(ApiError(500, error.get("type", "failed"),
+                                         error.get("message", "the job failed")), headers)
+        return JSONResponse(shape.whole(record), headers=headers)
+
+    return await until_disconnect(request, job_id, whole)
+
+
+def default_max_tokens(request: Request, model: str) -> int:
+    """No max_tokens: up to the model's cap, as OpenAI's chat endpoint goes to the context."""
+    spec = request.app.state.settings.models.get(model)
+    return spec.max_tokens if spec is not None else 1
+
+
+@openai_route
+async def chat_completions(request: Request) -> Response:
+    body = await parsed(request, ChatRequest)
+    max_tokens = (body.max_completion_tokens or body.max_tokens
+                  or default_max_tokens(request, body.model))
+    job: GenerateJob = as_job({
+        "kind": "generate", "model": body.model, "max_tokens": max_tokens,
+        "messages": [m.plain() for m in body.messages], **body.job_fields(),
+    })
+    job_id = await queue(request, job)
+    return await complete(request, job_id, Shape(job_id, body.model, chat=True), body)
+
+
+@openai_route
+async def completions(request: Request) -> Response:
+    body = await parsed(request, CompletionRequest)
+    job: GenerateJob = as_job({
+        "kind": "generate", "model": body.model, "prompt": body.prompt,
+        "max_tokens": body.max_tokens or OPENAI_COMPLETIONS_MAX_TOKENS, **body.job_fields(),
+    })
+    job_id = await queue(request, job)
+    return await complete(request, job_id, Shape(job_id, body.model, chat=False), body)
+
+
+def encoded(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+@openai_route
+async def embeddings(request: Request) -> Response:
+    body = await parsed(request, EmbeddingRequest)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    job: EmbedJob = as_job({"kind": "embed", "model": body.model, "texts": texts})
+    spec = request.app.state.settings.models.get(body.model)
+    dims = spec.dimensions if spec is not None else None
+    if body.dimensions is not None and dims is not None and body.dimensions != dims:
+        raise ApiError(400, "invalid_request", f"dimensions: model {body.model!r} gives "
+                       f"{dims} dimensions, not {body.dimensions}", "dimensions")
+    job_id = await queue(request, job)
+    headers = {JOB_HEADER: job_id}
+
+    async def whole() -> Response:
+        record = await final_record(request.app.state, job_id)
+        if record["status"] != "succeeded":
+            error = record.get("error") or {"type": record["status"], "message": "not done"}
+            return openai_error(ApiError(500, error["type"], error["message"]), headers)
+        vectors = record["result"]["embeddings"]
+        data = [{"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        tokens = (record.get("usage") or {}).get("prompt_tokens", 0)
+        return JSONResponse({"object": "list", "data": data, "model": body.model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                            headers=headers)
+
+    return await until_disconnect(request, job_id, whole)
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+]
