@@ -25,6 +25,15 @@ def remove_heartbeat(client: redis.Redis, keys: Keys, name: str) -> None:
     client.zrem(keys.workers(), name)
 
 
+def read_heartbeats(client: redis.Redis, keys: Keys, ttl_s: float) -> list[dict[str, Any]]:
+    """Workers heard from within `ttl_s` (read only: for health checks and tools)."""
+    names = cast(list[bytes], client.zrangebyscore(keys.workers(), time.time() - ttl_s, "+inf"))
+    if not names:
+        return []
+    beats = cast(list[bytes | None], client.mget([keys.worker(n.decode()) for n in names]))
+    return [json.loads(b) for b in beats if b]
+
+
 async def live_workers(client: aioredis.Redis, keys: Keys, ttl_s: float) -> list[dict[str, Any]]:
     """Workers heard from within `ttl_s`; older entries are swept from the index."""
     cutoff = time.time() - ttl_s

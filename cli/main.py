@@ -1,4 +1,5 @@
-"""The `tokenpool` command: up, api, worker, flower."""
+"""The `tokenpool` command: processes (up, api, worker, flower, beat, healthcheck) here; the
+client commands (submit, follow, status, cancel, embed, workers, models) in cli.commands."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import typer
 
 from broker.settings import Settings
+from cli.commands import COMMANDS
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tokenpool: a message-queue worker pool for local LLM inference.")
@@ -105,6 +107,45 @@ def flower(
         "flower", f"--port={port or settings.flower_port}", f"--address={address}",
         f"--basic-auth={settings.flower_user}:{settings.flower_password}",
     ])
+
+
+@cli.command()
+def beat(log_level: str = typer.Option("INFO")) -> None:
+    """Celery beat: fires the schedules configured in settings (one beat per deployment)."""
+    from broker.celery_app import make_celery
+    from cli.health import beat_pidfile
+    from schedules.beat import beat_schedule
+
+    setup_logging(log_level)
+    settings = Settings()
+    app = make_celery(settings, redis_url_of(settings))
+    app.conf.beat_schedule = beat_schedule(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.start([
+        "beat", f"--schedule={settings.data_dir / 'beat-schedule'}",
+        f"--pidfile={beat_pidfile(settings)}", f"--loglevel={log_level}",
+    ])
+
+
+@cli.command()
+def healthcheck(
+    role: str = typer.Argument(..., help="api, worker, flower or beat"),
+    url: str = typer.Option("http://127.0.0.1:8000", help="api: its base URL"),
+) -> None:
+    """Exit 0 when this host's `role` process is healthy: for container healthchecks."""
+    from cli.health import CHECKS
+
+    if role not in CHECKS:
+        raise typer.BadParameter(f"one of {', '.join(CHECKS)}", param_hint="role")
+    problem = CHECKS[role](Settings(), url)
+    if problem:
+        typer.echo(f"unhealthy: {problem}", err=True)
+        raise typer.Exit(1)
+    typer.echo("healthy")
+
+
+for command in COMMANDS:
+    cli.command()(command)
 
 
 def main() -> None:

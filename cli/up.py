@@ -14,6 +14,7 @@ from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
 from broker.sources import BUNDLED, resolve
 from cli.supervisor import Supervisor, tokenpool_argv
+from schedules.beat import beat_schedule
 
 log = logging.getLogger("tokenpool.up")
 
@@ -23,6 +24,8 @@ def plan(sup: Supervisor, settings: Settings, api_port: int, flower_port: int) -
         sup.add(f"worker-{name}", tokenpool_argv("worker", "--model", name, "--gpu", spec.gpu))
     sup.add("api", tokenpool_argv("api", "--port", str(api_port)))
     sup.add("flower", tokenpool_argv("flower", "--port", str(flower_port)))
+    if beat_schedule(settings):  # beat runs only when there is something to fire
+        sup.add("beat", tokenpool_argv("beat"))
 
 
 def prepare_bundled(settings: Settings) -> None:
