@@ -9,8 +9,13 @@ BIN := $(VENV)/bin
 # `make TORCH=torch ...` to get the CUDA build, and CMAKE_ARGS=-DGGML_CUDA=on for llama.cpp.
 TORCH ?= torch==2.13.0
 
-.PHONY: install up test test-fast bench
+.PHONY: install sysdeps up test test-fast bench
 install: $(VENV)/.installed
+
+# Debian's Chromium, for the Flower test in a real headless browser (apt; needs root).
+sysdeps:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # llama-cpp-python builds from source once (about 4 minutes on 2 cores); pip caches the wheel.
 $(VENV)/.installed: pyproject.toml
@@ -23,12 +28,12 @@ $(VENV)/.installed: pyproject.toml
 up: install
 	$(BIN)/tokenpool up
 
-test: install
+test: install sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-test-fast: install
+test-fast: install sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow"

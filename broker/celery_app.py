@@ -36,6 +36,7 @@ def send_job(
     app.send_task(
         TASK_NAMES[kind], args=[job_id, model, dispatch], task_id=task_id_of(job_id, dispatch),
         queue=keys.queue(model), priority=celery_priority(priority),
+        argsrepr=f"job={job_id} model={model} dispatch={dispatch}", kwargsrepr="",
     )
 
 
@@ -46,6 +47,7 @@ def send_bulk(
     app.send_task(
         BULK_TASK_NAMES[kind], args=[job_ids, model], task_id=f"bulk-{job_ids[0]}",
         queue=keys.queue(model), priority=celery_priority(priority),
+        argsrepr=f"jobs={len(job_ids)} first={job_ids[0]} model={model}", kwargsrepr="",
     )
 
 
