@@ -1,16 +1,13 @@
-# tokenpool image. CPU by default; for NVIDIA GPUs build with
-#   docker build --build-arg CMAKE_ARGS="-DGGML_CUDA=on" --build-arg BASE=nvidia/cuda:12.6.2-devel-ubuntu24.04 .
-# (a CUDA base brings nvcc for llama.cpp's CUDA build; torch then comes as its CUDA build).
-ARG BASE=python:3.11-slim
-FROM ${BASE}
-ARG CMAKE_ARGS=""
-ARG TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+# tokenpool, CPU build: the API, Flower, beat and CPU workers (GPU workers: Dockerfile.cuda).
+#   docker build -t tokenpool:cpu .
+FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     TOKENPOOL_CACHE_DIR=/models/cache TOKENPOOL_DATA_DIR=/data
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git curl \
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-RUN pip install ${TORCH_SPEC}
+# torch's CPU build first, so sentence-transformers does not pull the CUDA one.
+RUN pip install torch --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY api api
 COPY broker broker
@@ -18,6 +15,6 @@ COPY tasks tasks
 COPY workers workers
 COPY schedules schedules
 COPY cli cli
-RUN CMAKE_ARGS="${CMAKE_ARGS}" pip install .
+RUN pip install .
 ENTRYPOINT ["tokenpool"]
 CMD ["up"]

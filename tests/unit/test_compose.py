@@ -1,6 +1,9 @@
-"""docker-compose.yml can't run here (no engine): check it parses and every command is ours."""
+"""docker-compose.yml can't run here (no engine): check it parses, that every command and
+healthcheck is a real command of ours, that GPU pinning is consistent, and that the images it
+builds copy files that exist."""
 
 from pathlib import Path
+from typing import Any
 
 import typer.main
 import yaml
@@ -18,17 +21,33 @@ def our_services() -> dict:
     return {n: s for n, s in compose()["services"].items() if n != "redis"}
 
 
-def test_every_service_command_is_a_real_tokenpool_command_with_valid_options():
+def parses_as_our_cli(args: list[str]) -> Any:
+    """Parse (not run) `tokenpool ARGS`: raises on an unknown command or a bad option."""
     group = typer.main.get_command(cli)
     assert hasattr(group, "commands")
+    command, *rest = args
+    assert command in group.commands, f"tokenpool has no command {command!r}"
+    return group.commands[command].make_context(command, list(rest))
+
+
+def test_every_service_command_is_a_real_tokenpool_command_with_valid_options():
     for name, service in our_services().items():
-        command, *args = service["command"]
-        assert command in group.commands, name
-        ctx = group.commands[command].make_context(command, list(args))  # raises on bad options
-        assert ctx.params, name
+        assert parses_as_our_cli(service["command"]).params, name
 
 
-def test_gpu_workers_reserve_one_host_gpu_and_pin_to_it_inside_the_container():
+def test_every_service_has_a_healthcheck_and_ours_are_real_commands():
+    for name, service in compose()["services"].items():
+        test = service["healthcheck"]["test"]
+        if name == "redis":
+            assert "ping" in test[1]
+            continue
+        assert test[:2] == ["CMD", "tokenpool"], name
+        parses_as_our_cli(test[2:])
+        assert test[3] == {"api": "api", "flower": "flower", "beat": "beat"}.get(name, "worker")
+
+
+def test_gpu_workers_reserve_one_host_gpu_use_the_cuda_image_and_pin_to_it_inside():
+    host_gpus = set()
     for name, service in our_services().items():
         if not name.startswith("worker-"):
             continue
@@ -37,14 +56,35 @@ def test_gpu_workers_reserve_one_host_gpu_and_pin_to_it_inside_the_container():
         devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
         if gpu == "cpu":
             assert "cpu" in service["profiles"] and not devices, name
+            assert service["build"]["dockerfile"] == "Dockerfile", name
         else:
             (device,) = devices["devices"]
+            assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
             assert len(device["device_ids"]) == 1 and gpu == "0", name
+            assert service["build"]["dockerfile"] == "Dockerfile.cuda", name
+            host_gpus |= set(device["device_ids"])
+    assert host_gpus == {"0", "1"}
 
 
-def test_redis_keeps_an_aof_and_a_password_and_every_service_has_a_healthcheck():
+def test_redis_keeps_an_aof_and_a_password_and_flower_and_beat_are_there():
     services = compose()["services"]
     assert "--appendonly" in services["redis"]["command"]
     assert "--requirepass" in services["redis"]["command"]
-    assert all("healthcheck" in s for s in services.values())
     assert "TOKENPOOL_FLOWER_PASSWORD" in services["flower"]["environment"]
+    assert services["beat"]["command"] == ["beat"]
+    assert all("./models:/models" in s["volumes"] for s in our_services().values())
+    assert all(port.startswith("127.0.0.1:") for s in services.values()
+               for port in s.get("ports", []))
+
+
+def test_the_dockerfiles_copy_what_exists_and_run_our_cli():
+    for dockerfile in ("Dockerfile", "Dockerfile.cuda"):
+        lines = (ROOT / dockerfile).read_text().splitlines()
+        copies = [line.split()[1:-1] for line in lines
+                  if line.startswith("COPY ") and "--from" not in line]
+        sources = {src for srcs in copies for src in srcs}
+        assert {"pyproject.toml", "api", "broker", "tasks", "workers", "cli"} <= sources
+        assert all((ROOT / src).exists() for src in sources), dockerfile
+        assert 'ENTRYPOINT ["tokenpool"]' in lines, dockerfile
+    assert "download.pytorch.org/whl/cpu" in (ROOT / "Dockerfile").read_text()
+    assert "-DGGML_CUDA=on" in (ROOT / "Dockerfile.cuda").read_text()
