@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from api import batch, deadletters, jobs, openai_compat, ops
+from api import batch, deadletters, jobs, metrics, openai_compat, ops, workers
 from api.admission import Vocabularies
 from api.errors import ApiError, api_error_handler
 from broker.celery_app import make_celery
@@ -66,7 +66,8 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
 
     return Starlette(
         routes=[*ops.routes, *batch.routes, *jobs.routes, *deadletters.routes,
-                *openai_compat.routes],
+                *openai_compat.routes, *workers.routes,
+                *metrics.routes],
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

@@ -65,16 +65,8 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data})
 
 
-async def workers(request: Request) -> JSONResponse:
-    """The live fleet, from heartbeats: a worker that stops beating is gone within its TTL."""
-    state = request.app.state
-    beats = await live_workers(state.redis, state.keys, state.settings.heartbeat_ttl_s)
-    return JSONResponse({"object": "list", "data": sorted(beats, key=lambda b: b["name"])})
-
-
 routes = [
     Route("/health", health, methods=["GET"]),
     Route("/ready", ready, methods=["GET"]),
     Route("/v1/models", models, methods=["GET"]),
-    Route("/v1/workers", workers, methods=["GET"]),
 ]

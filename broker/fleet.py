@@ -12,17 +12,27 @@ import redis.asyncio as aioredis
 from broker.keys import Keys
 
 
-def write_heartbeat(client: redis.Redis, keys: Keys, beat: dict[str, Any], ttl_s: float) -> None:
+def write_heartbeat(client: redis.Redis, keys: Keys, beat: dict[str, Any], ttl_s: float,
+                    retention_s: float) -> None:
+    """The live beat (gone after `ttl_s` of silence) and a copy kept `retention_s` to show the
+    worker as gone."""
     name, now = beat["name"], time.time()
+    body = json.dumps({**beat, "ts": now})
     pipe = client.pipeline(transaction=False)
-    pipe.set(keys.worker(name), json.dumps({**beat, "ts": now}), px=int(ttl_s * 1000))
+    pipe.set(keys.worker(name), body, px=int(ttl_s * 1000))
+    pipe.set(keys.worker_last(name), body, px=int(retention_s * 1000))
     pipe.zadd(keys.workers(), {name: now})
     pipe.execute()
 
 
-def remove_heartbeat(client: redis.Redis, keys: Keys, name: str) -> None:
-    client.delete(keys.worker(name))
-    client.zrem(keys.workers(), name)
+def remove_heartbeat(client: redis.Redis, keys: Keys, beat: dict[str, Any],
+                     retention_s: float) -> None:
+    """A clean stop: no live beat any more, and the last one says `stopped`."""
+    body = json.dumps({**beat, "state": "stopped", "ts": time.time()})
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(keys.worker(beat["name"]))
+    pipe.set(keys.worker_last(beat["name"]), body, px=int(retention_s * 1000))
+    pipe.execute()
 
 
 def read_heartbeats(client: redis.Redis, keys: Keys, ttl_s: float) -> list[dict[str, Any]]:
@@ -34,11 +44,32 @@ def read_heartbeats(client: redis.Redis, keys: Keys, ttl_s: float) -> list[dict[
     return [json.loads(b) for b in beats if b]
 
 
+async def fleet_view(client: aioredis.Redis, keys: Keys, ttl_s: float, retention_s: float,
+                     ) -> list[dict[str, Any]]:
+    """Every worker heard from within `retention_s`: live ones with their heartbeat, the rest
+    with their last one and state `gone` (silent past `ttl_s`) or `stopped` (said goodbye)."""
+    now = time.time()
+    await client.zremrangebyscore(keys.workers(), "-inf", now - retention_s)
+    names = [n.decode() for n in cast(list[bytes], await client.zrange(keys.workers(), 0, -1))]
+    if not names:
+        return []
+    live = await client.mget([keys.worker(n) for n in names])
+    last = await client.mget([keys.worker_last(n) for n in names])
+    out = []
+    for beat, final in zip(live, last, strict=True):
+        if beat:
+            out.append({**json.loads(beat), "live": True})
+        elif final:
+            body = json.loads(final)
+            state = "stopped" if body.get("state") == "stopped" else "gone"
+            out.append({**body, "state": state, "live": False})
+    return out
+
+
 async def live_workers(client: aioredis.Redis, keys: Keys, ttl_s: float) -> list[dict[str, Any]]:
     """Workers heard from within `ttl_s`; older entries are swept from the index."""
-    cutoff = time.time() - ttl_s
-    await client.zremrangebyscore(keys.workers(), "-inf", cutoff)
-    names = cast(list[bytes], await client.zrange(keys.workers(), 0, -1))
+    names = cast(list[bytes], await client.zrangebyscore(keys.workers(), time.time() - ttl_s,
+                                                         "+inf"))
     if not names:
         return []
     beats = await client.mget([keys.worker(n.decode()) for n in names])

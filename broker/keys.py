@@ -33,9 +33,31 @@ class Keys:
         """String (JSON, with a TTL): a worker's last heartbeat."""
         return f"{self.prefix}:worker:{name}"
 
+    def worker_last(self, name: str) -> str:
+        """String (JSON, kept `worker_gone_retention_s`): a worker's last heartbeat, read to
+        show it as gone (or stopped) after its live heartbeat expired."""
+        return f"{self.prefix}:worker:{name}:last"
+
+    def worker_commands(self, name: str) -> str:
+        """List: control commands for one worker (swap its model, unload), JSON, BLPOPed."""
+        return f"{self.prefix}:worker:{name}:commands"
+
+    def command_reply(self, command_id: str) -> str:
+        """List (short TTL): a worker's answer to one control command."""
+        return f"{self.prefix}:command:{command_id}:reply"
+
     def workers(self) -> str:
         """Sorted set: worker name -> time of its last heartbeat."""
         return f"{self.prefix}:workers"
+
+    def metrics_jobs(self) -> str:
+        """Hash: `kind|model|status` -> jobs that ended so; `tokens|model` -> tokens made."""
+        return f"{self.prefix}:metrics:jobs"
+
+    def metrics_histograms(self) -> str:
+        """Hash: `metric|model|le` -> count of finished jobs at or under `le` (cumulative, as
+        Prometheus wants), `metric|model|sum` and `metric|model|count`."""
+        return f"{self.prefix}:metrics:histograms"
 
     def running(self) -> str:
         """Hash: job id -> name of the worker running its current attempt (the reaper's index)."""

@@ -110,16 +110,24 @@ class Reaper:
         return self._requeue(job_id, worker, record, verdict.reason)
 
     def _requeue(self, job_id: str, worker: str, record: dict[str, Any], reason: str) -> str:
-        attempt = record["attempts"]
-        outcome, dispatch = self.store.requeue(
-            job_id, worker, attempt, self.settings.max_attempts, reason
-        )
-        if outcome == "requeued":
-            request = record["request"] or {}
-            send_job(self.celery, self.keys, job_id, record["kind"], record["model"],
-                     int(request.get("priority", 5)), dispatch)
-            log.warning("job %s: attempt %d lost (%s); queued again", job_id, attempt, reason)
-        elif outcome == "dead":
-            log.error("job %s: attempt %d lost (%s); dead-lettered after %d attempts",
-                      job_id, attempt, reason, attempt)
-        return outcome
+        return requeue_attempt(self.store, self.celery, self.keys, self.settings, job_id, worker,
+                               record, reason)
+
+
+def requeue_attempt(
+    store: JobStore, celery: Celery, keys: Keys, settings: Settings, job_id: str, worker: str,
+    record: dict[str, Any], reason: str,
+) -> str:
+    """End `worker`'s attempt at a running job and queue the job again (a new dispatch), or
+    dead-letter it after max_attempts: the reaper for a lost worker, a swap for its own jobs."""
+    attempt = record["attempts"]
+    outcome, dispatch = store.requeue(job_id, worker, attempt, settings.max_attempts, reason)
+    if outcome == "requeued":
+        request = record["request"] or {}
+        send_job(celery, keys, job_id, record["kind"], record["model"],
+                 int(request.get("priority", 5)), dispatch)
+        log.warning("job %s: attempt %d ended (%s); queued again", job_id, attempt, reason)
+    elif outcome == "dead":
+        log.error("job %s: attempt %d ended (%s); dead-lettered after %d attempts",
+                  job_id, attempt, reason, attempt)
+    return outcome

@@ -53,6 +53,10 @@ class ModelSpec(BaseModel):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="embedding: how long to gather jobs for one encode"
     )
+    keep_alive_s: float | None = Field(
+        None, gt=0, description="unload the model after this long without a job and load it "
+        "again for the next one (Ollama's keep-alive); unset: stay loaded"
+    )
     batch_invariant: bool = Field(
         False, description="llm: a job's tokens never depend on the other jobs in its batch "
         "(fixed-shape steps, no shared prefixes; slower)"
@@ -101,6 +105,16 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3600, ge=10, description="Celery redis redelivery delay")
     heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker is gone after this silence")
+    worker_gone_retention_s: float = Field(
+        600.0, gt=0, description="how long /v1/workers lists a gone or stopped worker"
+    )
+    worker_memory_limit_mb: float | None = Field(
+        None, gt=0, description="most memory (MB) a worker's model may take, checked before a "
+        "swap loads one; unset: the free VRAM (GPU) or RAM (CPU) plus what the old model frees"
+    )
+    swap_drain_timeout_s: float = Field(
+        600.0, gt=0, description="how long a swap waits for the jobs in flight to finish"
+    )
     sse_keepalive_s: float = Field(15.0, gt=0, description="SSE comment sent when idle")
     max_sse_followers: int = Field(
         1000, ge=1, description="SSE followers one API process serves (each holds a Redis read)"

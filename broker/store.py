@@ -22,7 +22,20 @@ from broker.messages import Cancelled, ErrorEvent, ErrorInfo, Event, Queued, Req
 from broker.messages import Started as StartedEvent
 from broker.settings import Settings
 
-_APPEND_FN = """
+# Histogram buckets of finished jobs' timings (seconds; tokens/s), as Prometheus `le` labels.
+BUCKETS = {
+    "queued_s": ("0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5",
+                 "10", "30", "60", "120", "300"),
+    "ttft_s": ("0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30"),
+    "total_s": ("0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "60", "120", "300",
+                "600"),
+    "tokens_per_s": ("1", "2", "5", "10", "20", "50", "100", "200", "500", "1000", "2000"),
+}
+_BUCKETS_LUA = "local BUCKETS = {" + ", ".join(
+    f"{metric} = {{{', '.join(repr(le) for le in bounds)}}}" for metric, bounds in BUCKETS.items()
+) + "}"
+
+_APPEND_FN = _BUCKETS_LUA + """
 local FINAL = {succeeded=true, failed=true, cancelled=true}
 local function append(job_key, stream_key, channel, body, maxlen)
   local seq = redis.call('HINCRBY', job_key, 'next_seq', 1) - 1
@@ -30,6 +43,29 @@ local function append(job_key, stream_key, channel, body, maxlen)
   redis.call('XADD', stream_key, 'MAXLEN', '~', maxlen, seq .. '-1', 'event', event)
   redis.call('PUBLISH', channel, event)
   return seq
+end
+local function count_final(metrics_key, hist_key, job_key, status, body)
+  local kind, model = unpack(redis.call('HMGET', job_key, 'kind', 'model'))
+  kind, model = kind or '?', model or '?'
+  redis.call('HINCRBY', metrics_key, kind .. '|' .. model .. '|' .. status, 1)
+  if status ~= 'succeeded' then return end
+  local ok, event = pcall(cjson.decode, body)
+  if not ok then return end
+  if type(event.usage) == 'table' and tonumber(event.usage.completion_tokens) then
+    redis.call('HINCRBY', metrics_key, 'tokens|' .. model, tonumber(event.usage.completion_tokens))
+  end
+  if type(event.timings) ~= 'table' then return end
+  for metric, bounds in pairs(BUCKETS) do
+    local value = tonumber(event.timings[metric])
+    if value then
+      local field = metric .. '|' .. model .. '|'
+      for _, le in ipairs(bounds) do
+        if value <= tonumber(le) then redis.call('HINCRBY', hist_key, field .. le, 1) end
+      end
+      redis.call('HINCRBY', hist_key, field .. '+Inf', 1)
+      redis.call('HINCRBYFLOAT', hist_key, field .. 'sum', value)
+    end
+  end
 end
 local function seal(job_key, stream_key, ttl)
   redis.call('EXPIRE', job_key, ttl)
@@ -90,7 +126,8 @@ local seq = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 return {seq, flag}
 """
 
-# KEYS: job, stream, running  ARGV: channel, body, maxlen, ttl, status, attempt or '', fields…
+# KEYS: job, stream, running, metrics, histograms
+# ARGV: channel, body, maxlen, ttl, status, attempt or '', fields…
 # Returns seq, or -1 if the job ended already (or, with an attempt, is not that attempt's).
 _FINISH = _APPEND_FN + """
 local st, att = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts'))
@@ -98,12 +135,13 @@ if (not st) or FINAL[st] then return -1 end
 if ARGV[6] ~= '' and (st ~= 'running' or att ~= ARGV[6]) then return -1 end
 local seq = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 redis.call('HSET', KEYS[1], 'status', ARGV[5], unpack(ARGV, 7))
+count_final(KEYS[4], KEYS[5], KEYS[1], ARGV[5], ARGV[2])
 redis.call('HDEL', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
 seal(KEYS[1], KEYS[2], ARGV[4])
 return seq
 """
 
-# KEYS: job, stream  ARGV: channel, body, maxlen, ttl, finished_at.
+# KEYS: job, stream, metrics, histograms  ARGV: channel, body, maxlen, ttl, finished_at.
 _CANCEL = _APPEND_FN + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
@@ -111,6 +149,7 @@ if FINAL[st] then return 'ended:' .. st end
 if st == 'queued' then
   append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[5])
+  count_final(KEYS[3], KEYS[4], KEYS[1], 'cancelled', '')
   seal(KEYS[1], KEYS[2], ARGV[4])
   return 'cancelled'
 end
@@ -118,7 +157,8 @@ redis.call('HSET', KEYS[1], 'cancel', '1')
 return 'cancelling'
 """
 
-# The reaper, for a running job whose worker is lost.  KEYS: job, stream, running, dead letters
+# The reaper, for a running job whose worker is lost.
+# KEYS: job, stream, running, dead letters, metrics, histograms
 # ARGV: channel, maxlen, worker, attempt, max attempts, now, ttl, dead-letter ttl,
 #       requeued body, error body, error JSON, cancelled body.
 # Returns {'requeued', dispatch}, {'dead'}, {'cancelled'} or {'skip'} (the job moved on).
@@ -133,6 +173,7 @@ redis.call('HDEL', KEYS[3], ARGV[13])
 if cancel == '1' then
   append(KEYS[1], KEYS[2], ARGV[1], ARGV[12], ARGV[2])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[6])
+  count_final(KEYS[5], KEYS[6], KEYS[1], 'cancelled', '')
   seal(KEYS[1], KEYS[2], ARGV[7])
   return {'cancelled'}
 end
@@ -140,6 +181,7 @@ if tonumber(att) >= tonumber(ARGV[5]) then
   append(KEYS[1], KEYS[2], ARGV[1], ARGV[10], ARGV[2])
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[11], 'finished_at', ARGV[6])
   redis.call('ZADD', KEYS[4], ARGV[6], ARGV[13])
+  count_final(KEYS[5], KEYS[6], KEYS[1], 'failed', '')
   seal(KEYS[1], KEYS[2], ARGV[8])
   return {'dead'}
 end
@@ -238,7 +280,10 @@ class _Args:
         fields = {"finished_at": repr(time.time()), **fields}
         args = [*self.event(job_id, event), self.ttl_s, status,
                 "" if attempt is None else str(attempt), *_pairs(fields)]
-        return [*self.job_keys(job_id), self.keys.running()], args
+        return [*self.job_keys(job_id), self.keys.running(), *self.metric_keys()], args
+
+    def metric_keys(self) -> list[str]:
+        return [self.keys.metrics_jobs(), self.keys.metrics_histograms()]
 
     def fail(
         self, job_id: str, error_type: str, message: str, attempt: int | None
@@ -253,7 +298,8 @@ class _Args:
     def requeue(
         self, job_id: str, worker: str, attempt: int, max_attempts: int, reason: str
     ) -> tuple[list[str], list[Any]]:
-        keys = [*self.job_keys(job_id), self.keys.running(), self.keys.dead_letters()]
+        keys = [*self.job_keys(job_id), self.keys.running(), self.keys.dead_letters(),
+                *self.metric_keys()]
         error = ErrorInfo(type="worker_lost", message=f"{reason}; gave up after {attempt} "
                           f"attempts (max_attempts {max_attempts})")
         args = [
@@ -365,7 +411,8 @@ class AsyncJobStore:
 
     async def cancel(self, job_id: str) -> str:
         """`cancelled` (was queued), `cancelling` (running), `ended:<status>`, or `missing`."""
-        reply = await self._cancel(keys=self.args.job_keys(job_id), args=self.args.cancel(job_id))
+        keys = [*self.args.job_keys(job_id), *self.args.metric_keys()]
+        reply = await self._cancel(keys=keys, args=self.args.cancel(job_id))
         return _text(reply)
 
     async def dead_letters(self) -> list[dict[str, Any]]:

@@ -27,12 +27,13 @@ class Child:
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's
 
     def start(self, env: dict[str, str]) -> None:
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                self.argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                self.argv, env={**env, **self.env}, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT if out else None, start_new_session=True,
             )
         finally:
@@ -56,9 +57,9 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     restart_delay_s: float = 1.0
 
-    def add(self, name: str, argv: list[str]) -> Child:
+    def add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log" if self.log_dir else None
-        child = Child(name, argv, log_path)
+        child = Child(name, argv, log_path, env=env or {})
         self.children.append(child)
         return child
 

@@ -34,7 +34,10 @@ def _adapter(kind: str, runtime: Runs) -> Callable[[str, str, int], dict[str, st
             raise Reject(f"malformed job id {job_id!r}", requeue=False)
         if not isinstance(dispatch, int) or dispatch < 1:
             raise Reject(f"malformed dispatch {dispatch!r}", requeue=False)
-        return {"job": job_id, "model": model, "status": runtime.run(job_id, kind, dispatch)}
+        status = runtime.run(job_id, kind, dispatch)
+        if status == "rejected":  # draining for a swap, or the model was swapped out
+            raise Reject(f"job {job_id} is not for this worker now", requeue=True)
+        return {"job": job_id, "model": model, "status": status}
 
     run_job.__name__ = run_job.__qualname__ = f"run_{kind}"
     return run_job

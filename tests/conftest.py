@@ -162,12 +162,15 @@ def wait_ready(http: httpx.Client, sup: Supervisor, timeout_s: float = 180,
 @contextlib.contextmanager
 def running_stack(redis_url: str, config_file: Path, log_dir: Path,
                   workers: dict[str, str], prefix: str = PREFIX,
-                  ready: Callable[[httpx.Client], bool] | None = None) -> Iterator[Stack]:
-    """Worker subprocesses (name -> model) and an API subprocess against `redis_url`."""
+                  ready: Callable[[httpx.Client], bool] | None = None,
+                  env: dict[str, dict[str, str]] | None = None) -> Iterator[Stack]:
+    """Worker subprocesses (name -> model) and an API subprocess against `redis_url`;
+    `env` adds variables to named workers."""
     port = free_port()
     sup = Supervisor(env=stack_env(redis_url, config_file), log_dir=log_dir, restart_delay_s=0.2)
     for name, model in workers.items():
-        sup.add(name, tokenpool_argv("worker", "--model", model, "--gpu", "cpu"))
+        sup.add(name, tokenpool_argv("worker", "--model", model, "--gpu", "cpu"),
+                (env or {}).get(name))
     sup.add("api", tokenpool_argv("api", "--port", str(port)))
     client = redis.Redis.from_url(redis_url)
     sup.start()

@@ -48,10 +48,10 @@ class Periodic:
 class Heartbeat:
     def __init__(
         self, client: redis.Redis, keys: Keys, interval_s: float, ttl_s: float,
-        snapshot: Callable[[], dict[str, Any]],
+        snapshot: Callable[[], dict[str, Any]], retention_s: float = 600.0,
     ) -> None:
         self.client, self.keys = client, keys
-        self.ttl_s = ttl_s
+        self.ttl_s, self.retention_s = ttl_s, retention_s
         self.snapshot = snapshot
         self._loop = Periodic("heartbeat", interval_s, self.beat)
         self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
@@ -60,9 +60,12 @@ class Heartbeat:
         self._loop.start()
 
     def beat(self) -> None:
-        write_heartbeat(self.client, self.keys, {**self.identity, **self.snapshot()}, self.ttl_s)
+        write_heartbeat(self.client, self.keys, self.full(), self.ttl_s, self.retention_s)
 
-    def stop(self, name: str) -> None:
+    def full(self) -> dict[str, Any]:
+        return {**self.identity, **self.snapshot()}
+
+    def stop(self) -> None:
         self._loop.stop()
         with contextlib.suppress(redis.RedisError):
-            remove_heartbeat(self.client, self.keys, name)
+            remove_heartbeat(self.client, self.keys, self.full(), self.retention_s)

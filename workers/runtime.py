@@ -12,6 +12,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from broker.celery_app import send_job
 from broker.connection import worker_redis
 from broker.keys import Keys
 from broker.messages import JOB_REQUEST, MODEL_KIND_OF_JOB, EmbedJob, GenerateJob
@@ -19,10 +20,13 @@ from broker.recovery import Reaper
 from broker.settings import ModelSpec, Settings
 from broker.sources import resolve
 from broker.store import JobStore, Started
+from workers.control import ControlLoop
 from workers.engine import EmbeddingModel, TextModel
 from workers.gpu import layers_on, torch_device
 from workers.heartbeat import Heartbeat, Periodic
 from workers.runners import Outcome, run_embed, run_generate, run_summarize
+from workers.state import StateMachine
+from workers.telemetry import TokenRate, gpu_memory, host_memory
 from workers.writer import EventWriter, JobCancelled, JobGone, JobTimedOut
 
 log = logging.getLogger("tokenpool.worker")
@@ -43,7 +47,8 @@ def load_model(spec: ModelSpec, settings: Settings, gpu: str) -> TextModel | Emb
 
 
 class WorkerRuntime:
-    """One worker: `model_name` resident on `gpu`, jobs run one after another."""
+    """One worker: one resident model at a time on `gpu`, up to max_batch jobs at once; its
+    model can be swapped for another configured one, or unloaded, while the process lives."""
 
     def __init__(
         self, settings: Settings, model_name: str, gpu: str, redis_url: str, name: str,
@@ -52,29 +57,37 @@ class WorkerRuntime:
         self.settings, self.model_name, self.gpu, self.name = settings, model_name, gpu, name
         self.spec = settings.models[model_name]
         self.keys = Keys(settings.key_prefix)
+        self.celery = celery
         self.redis = worker_redis(redis_url, settings.worker_redis_retry_s, name)
         self.store = JobStore(self.redis, settings)
-        self.model_state = "idle"  # idle, loading, loaded or error
+        self.machine = StateMachine()
+        self.rate = TokenRate()
         self.counts = {"jobs_done": 0, "jobs_failed": 0}
         self.jobs: set[str] = set()  # running now: up to max_batch, one per Celery thread
         self._jobs_lock = threading.Lock()
         self._model: TextModel | EmbeddingModel | None = None
         self._load_error: str | None = None
         self._lock = threading.Lock()
+        self.accepting = True  # False while a swap or an unload drains: deliveries go back
+        self.consuming = True  # whether Celery consumes our model's queue
+        self.parked = False  # unloaded by an operator: idle until told to load a model
+        self.swap: dict[str, Any] | None = None  # the swap under way, for the heartbeat
+        self.last_active = time.monotonic()
         self.heartbeat = Heartbeat(
             self.redis, self.keys, settings.heartbeat_interval_s, settings.heartbeat_ttl_s,
-            self.snapshot,
+            self.snapshot, settings.worker_gone_retention_s,
         )
+        self.loops = [Periodic("control", 0.0, ControlLoop(self).run_once),
+                      Periodic("keep-alive", 1.0, self.unload_if_idle)]
         # Every worker takes part in reaping lost jobs (one per round, by a lock in Redis).
-        self.reaper = (
-            Periodic("reaper", settings.heartbeat_interval_s,
-                     Reaper(self.redis, self.store, celery, settings, name).run_once)
-            if celery is not None else None
-        )
+        if celery is not None:
+            self.loops.append(Periodic("reaper", settings.heartbeat_interval_s,
+                                       Reaper(self.redis, self.store, celery, settings,
+                                              name).run_once))
 
     @property
     def state(self) -> str:
-        return "generating" if self.jobs and self.model_state == "loaded" else self.model_state
+        return self.machine.state
 
     def _count(self, name: str) -> None:
         with self._jobs_lock:
@@ -86,38 +99,68 @@ class WorkerRuntime:
         return {
             "name": self.name, "model": self.model_name, "kind": self.spec.kind,
             "gpu": self.gpu, "queue": self.keys.queue(self.model_name), "state": self.state,
+            "state_since": round(self.machine.since, 3), "transitions": self.machine.recent(),
             "current_job": min(jobs) if jobs else None, "error": self._load_error,
             **self.counts, "jobs": jobs, "max_batch": self.spec.max_batch,
             "batches": getattr(self._model, "batches", None),
+            "tokens_per_s": self.rate.rate(), "consuming": self.consuming,
+            "parked": self.parked, "swap": self.swap, "keep_alive_s": self.spec.keep_alive_s,
+            **gpu_memory(self.gpu), **host_memory(),
         }
 
     def start(self) -> None:
         """Begin heartbeats and load the model in the background; jobs wait for it."""
         self.heartbeat.start()
-        if self.reaper is not None:
-            self.reaper.start()
+        for loop in self.loops:
+            loop.start()
         threading.Thread(target=self.model, name="model-load", daemon=True).start()
 
     def model(self) -> TextModel | EmbeddingModel:
         with self._lock:
             if self._model is None:
-                self.model_state = "loading"
+                self.machine.to("loading")
                 self.heartbeat.beat()
                 started = time.monotonic()
                 try:
                     self._model = load_model(self.spec, self.settings, self.gpu)
                 except Exception as exc:
-                    self.model_state = "error"
+                    self.machine.to("error")
                     self._load_error = f"{type(exc).__name__}: {exc}"
                     raise
                 log.info("model %s loaded in %.2fs", self.model_name, time.monotonic() - started)
-                self.model_state, self._load_error = "loaded", None
+                self._load_error = None
+                self.machine.to("loaded")
+                self.last_active = time.monotonic()
             return self._model
 
+    def unload(self) -> bool:
+        """Free the model if it is loaded and no job runs (loaded -> unloading -> idle)."""
+        with self._lock:
+            if self._model is None or not self.machine.to_if("loaded", "unloading"):
+                return False
+            self.heartbeat.beat()
+            try:
+                self._model.close()
+            finally:
+                self._model = None
+                self.machine.to("idle")
+            log.info("model %s unloaded", self.model_name)
+            return True
+
+    def unload_if_idle(self) -> None:
+        """Ollama's keep-alive: unload after keep_alive_s without a job; the next job loads."""
+        keep_alive_s = self.spec.keep_alive_s
+        if (keep_alive_s is None or self.swap is not None or self.jobs
+                or time.monotonic() - self.last_active < keep_alive_s):
+            return
+        if self.unload():
+            log.info("model %s idle for %.0fs: unloaded (keep_alive_s)", self.model_name,
+                     keep_alive_s)
+
     def stop(self) -> None:
-        if self.reaper is not None:
-            self.reaper.stop()
-        self.heartbeat.stop(self.name)
+        for loop in self.loops:
+            loop.stop()
+        self.heartbeat.stop()
         with self._lock:
             if self._model is not None:
                 self._model.close()
@@ -126,6 +169,11 @@ class WorkerRuntime:
     def run(self, job_id: str, kind: str, dispatch: int = 1) -> str:
         """Run one delivery of a job to a final event; returns the job's final status, or
         `skipped` when this delivery must not run, or `lost` when Redis stayed away."""
+        if not self.accepting or self.redis.hget(self.keys.job(job_id), "model") not in (
+                None, self.model_name.encode()):
+            log.info("job %s: not for this worker now (draining, or its model was swapped "
+                     "out); back to the queue", job_id)
+            return "rejected"
         with self._jobs_lock:
             self.jobs.add(job_id)
         try:
@@ -144,17 +192,33 @@ class WorkerRuntime:
             # a second after its start, which names every job this worker runs by then.
             with self._jobs_lock:
                 self.jobs.discard(job_id)
+                if not self.jobs:
+                    self.machine.to_if("generating", "loaded")
+            self.last_active = time.monotonic()
 
     def run_many(self, job_ids: list[str], kind: str) -> list[str]:
         """The jobs of one bulk message, side by side (they batch together in the model)."""
         with ThreadPoolExecutor(max_workers=min(len(job_ids), self.spec.max_batch)) as pool:
-            return list(pool.map(lambda job_id: self.run(job_id, kind, 1), job_ids))
+            statuses = list(pool.map(lambda job_id: self.run(job_id, kind, 1), job_ids))
+        for job_id, status in zip(job_ids, statuses, strict=True):
+            if status == "rejected":  # the message is acked: send this job on its own
+                self.resend(job_id)
+        return statuses
+
+    def resend(self, job_id: str) -> None:
+        record = self.store.get(job_id)
+        if self.celery is None or record is None or record["status"] != "queued":
+            return
+        priority = int((record["request"] or {}).get("priority", 5))
+        send_job(self.celery, self.keys, job_id, record["kind"], record["model"], priority,
+                 record["dispatch"])
 
     def _run(self, job_id: str, kind: str, started: Started) -> str:
         record = self.store.get(job_id) or {}
         first_start = record.get("started_at") or time.time()
         out = EventWriter(self.store, job_id, started.attempt, started.next_seq,
-                          started.deadline, record.get("created_at") or first_start, first_start)
+                          started.deadline, record.get("created_at") or first_start, first_start,
+                          on_token=self.rate.add)
         resume = self.store.published_text(job_id) if started.attempt > 1 else ""
         log.info("job %s: %s attempt %d%s", job_id, kind, started.attempt,
                  f", going on after {len(resume)} published characters" if resume else "")
@@ -187,6 +251,7 @@ class WorkerRuntime:
         if job.kind != kind or MODEL_KIND_OF_JOB[kind] != self.spec.kind:
             raise WrongModelKind(f"{kind} job on {self.spec.kind} model {self.model_name!r}")
         model = self.model()
+        self.machine.to_if("loaded", "generating")
         out.check_deadline()
         if isinstance(job, EmbedJob):
             return run_embed(job, model, out)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from broker.messages import Cancelled, Done, Event, Stage, TokenEvent
@@ -28,7 +29,9 @@ class EventWriter:
     def __init__(
         self, store: JobStore, job_id: str, attempt: int, next_seq: int,
         deadline: float | None, created_at: float, started_at: float,
+        on_token: Callable[[], None] | None = None,
     ) -> None:
+        self.on_token = on_token
         self.store = store
         self.job_id = job_id
         self.attempt = attempt
@@ -55,6 +58,8 @@ class EventWriter:
         if self.first_token_at is None:
             self.first_token_at = time.time()
         self._append(TokenEvent(job=self.job_id, text=text))
+        if self.on_token is not None:
+            self.on_token()
 
     def stage(self, stage: str, part: int | None, parts: int | None) -> None:
         self._append(Stage(job=self.job_id, stage=stage, part=part, parts=parts))
