@@ -155,6 +155,29 @@ def test_a_worker_swaps_to_summary_and_back_while_a_follower_streams_and_loses_n
     wait_beat(fleet, name, lambda b: b["model"] == "chat" and b["swap"] is None)
 
 
+def test_a_swap_with_requeue_hands_running_jobs_back_and_they_finish_after(
+    fleet: Stack,
+) -> None:
+    name = worker(fleet, "chat")["name"]
+    job_id = fleet.submit({"kind": "generate", "prompt": "A long list of fruits:",
+                           "max_tokens": 200, "temperature": 0})
+    thread, events = follow_in_thread(fleet, job_id)
+    wait_beat(fleet, name, lambda b: job_id in b["jobs"])
+    reply = fleet.http.post(f"/v1/workers/{name}/model",
+                            json={"model": "summary", "requeue": True})
+    assert reply.status_code == 202, reply.text
+    wait_beat(fleet, name, lambda b: b["model"] == "summary" and b["swap"] is None)
+    assert fleet.job(job_id)["status"] == "queued"  # handed back, waiting for a chat worker
+    assert fleet.http.post(f"/v1/workers/{name}/model",
+                           json={"model": "chat"}).status_code == 202
+    thread.join(90)
+    job = fleet.job(job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert "requeued" in [e["type"] for e in events]
+    assert "".join(e["text"] for e in events if e["type"] == "token") == job["result"]["text"]
+
+
 def test_a_swap_that_does_not_fit_is_refused_and_the_old_model_stays(fleet: Stack) -> None:
     name = worker(fleet, "embed")["name"]
     reply = fleet.http.post(f"/v1/workers/{name}/model", json={"model": "chat"})
