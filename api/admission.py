@@ -76,11 +76,6 @@ def check_timeout(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings
                        f"of {settings.max_job_timeout_s:g}", "timeout_s")
 
 
-def timeout_of(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) -> float:
-    """The job's run-time limit: its own timeout_s, else the configured default."""
-    return job.timeout_s if job.timeout_s is not None else settings.job_timeout_s
-
-
 async def check_context(job: GenerateJob, spec: ModelSpec, vocab: Vocabularies) -> int:
     """The prompt's length in tokens; an error if it leaves no room in the context."""
     try:

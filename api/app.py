@@ -6,15 +6,17 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import redis
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from api import batch, deadletters, jobs, metrics, openai_compat, ops, workers
+from api import batch, batches, deadletters, jobs, metrics, openai_compat, ops, workers
 from api.admission import Vocabularies
 from api.errors import ApiError, api_error_handler
+from broker.batches import BatchStore
 from broker.celery_app import make_celery
 from broker.connection import API_SPARE_CONNECTIONS, api_redis
 from broker.keys import Keys
@@ -58,14 +60,19 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
         app.state.redis = client
         app.state.store = AsyncJobStore(client, settings)
         app.state.celery = make_celery(settings, redis_url)
+        # Batch creation, cancel and retry run in threads, a chunk at a time (broker.batches).
+        sync_client = redis.Redis.from_url(redis_url, client_name="tokenpool-api-batches",
+                                           socket_connect_timeout=5)
+        app.state.batches = BatchStore(sync_client, settings, app.state.celery)
         app.state.vocab = Vocabularies(settings.cache_dir)
         try:
             yield
         finally:
             await client.aclose()
+            sync_client.close()
 
     return Starlette(
-        routes=[*ops.routes, *batch.routes, *jobs.routes, *deadletters.routes,
+        routes=[*ops.routes, *batch.routes, *batches.routes, *jobs.routes, *deadletters.routes,
                 *openai_compat.routes, *workers.routes,
                 *metrics.routes],
         lifespan=lifespan,

@@ -20,9 +20,8 @@ from starlette.routing import Route
 from api.admission import admit
 from api.errors import ApiError, from_validation
 from api.jobs import job_record, links, parse_json, read_body
-from broker.celery_app import send_bulk, send_job
+from broker.celery_app import bulk_groups, send_group
 from broker.messages import JobRequest
-from broker.settings import Settings
 
 
 class JobBatch(BaseModel):
@@ -72,13 +71,7 @@ async def enqueue_all(state: Any, ids: list[str], jobs: list[JobRequest]) -> Non
     def send() -> None:
         nonlocal sent
         for group in bulk_groups(ids, jobs, state.settings):
-            first = group[0][1]
-            if len(group) == 1:
-                send_job(state.celery, state.keys, group[0][0], first.kind, first.model,
-                         first.priority)
-            else:
-                send_bulk(state.celery, state.keys, [job_id for job_id, _ in group],
-                          first.kind, first.model, first.priority)
+            send_group(state.celery, state.keys, group)
             sent += len(group)
 
     try:
@@ -88,26 +81,6 @@ async def enqueue_all(state: Any, ids: list[str], jobs: list[JobRequest]) -> Non
             await state.store.fail(job_id, "enqueue_failed", "the batch could not be queued")
         raise ApiError(503, "unavailable", f"the queue became unavailable after {sent} of "
                        f"{len(ids)} jobs; none of the batch runs, retry it later") from None
-
-
-def bulk_groups(
-    ids: list[str], jobs: list[JobRequest], settings: Settings
-) -> list[list[tuple[str, JobRequest]]]:
-    """Embedding jobs of one model and priority share a message, up to the model's
-    max_batch (they are encoded together anyway); every other job is a message of its own."""
-    groups: list[list[tuple[str, JobRequest]]] = []
-    open_groups: dict[tuple[str, int], list[tuple[str, JobRequest]]] = {}
-    for job_id, job in zip(ids, jobs, strict=True):
-        if job.kind != "embed":
-            groups.append([(job_id, job)])
-            continue
-        key = (job.model, job.priority)
-        group = open_groups.get(key)
-        if group is None or len(group) >= settings.models[job.model].max_batch:
-            group = open_groups[key] = []
-            groups.append(group)
-        group.append((job_id, job))
-    return groups
 
 
 routes = [Route("/v1/jobs/batch", submit_batch, methods=["POST"])]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import re
-import time
 import uuid
 from typing import Any
 
@@ -17,11 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from api.admission import admit, timeout_of
+from api.admission import admit
 from api.errors import ApiError, from_validation, not_found
 from api.sse import event_stream
 from broker.celery_app import send_job
 from broker.messages import FINAL_STATUSES, JOB_REQUEST, JobRequest
+from broker.store import new_record
 
 log = logging.getLogger("tokenpool.api")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -82,11 +81,7 @@ async def submit(request: Request) -> JSONResponse:
 
 def job_record(state: Any, job: JobRequest, **extra: str) -> dict[str, Any]:
     """The fields a new job's record starts with."""
-    request_json = job.model_dump(mode="json")
-    fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
-    return {"kind": job.kind, "model": job.model, "created_at": repr(time.time()),
-            "request": request_json, "fingerprint": fingerprint,
-            "timeout_s": repr(timeout_of(job, state.settings)), **extra}
+    return new_record(job, state.settings, **extra)
 
 
 async def create_and_enqueue(

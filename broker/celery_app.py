@@ -6,6 +6,7 @@ from celery import Celery
 from kombu import Queue
 
 from broker.keys import Keys
+from broker.messages import JobRequest
 from broker.settings import Settings
 
 # Task names, one per job kind; tasks/ defines them, the API sends them by name.
@@ -49,6 +50,36 @@ def send_bulk(
         queue=keys.queue(model), priority=celery_priority(priority),
         argsrepr=f"jobs={len(job_ids)} first={job_ids[0]} model={model}", kwargsrepr="",
     )
+
+
+def bulk_groups(
+    ids: list[str], jobs: list[JobRequest], settings: Settings
+) -> list[list[tuple[str, JobRequest]]]:
+    """Embedding jobs of one model and priority share a message, up to the model's
+    max_batch (they are encoded together anyway); every other job is a message of its own."""
+    groups: list[list[tuple[str, JobRequest]]] = []
+    open_groups: dict[tuple[str, int], list[tuple[str, JobRequest]]] = {}
+    for job_id, job in zip(ids, jobs, strict=True):
+        if job.kind != "embed":
+            groups.append([(job_id, job)])
+            continue
+        key = (job.model, job.priority)
+        group = open_groups.get(key)
+        if group is None or len(group) >= settings.models[job.model].max_batch:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append((job_id, job))
+    return groups
+
+
+def send_group(app: Celery, keys: Keys, group: list[tuple[str, JobRequest]]) -> None:
+    """One message for a group from bulk_groups: the job alone, or a bulk message."""
+    first = group[0][1]
+    if len(group) == 1:
+        send_job(app, keys, group[0][0], first.kind, first.model, first.priority)
+    else:
+        send_bulk(app, keys, [job_id for job_id, _ in group], first.kind, first.model,
+                  first.priority)
 
 
 def make_celery(settings: Settings, redis_url: str) -> Celery:

@@ -71,9 +71,45 @@ class Keys:
         """String with a TTL: held by the one worker whose reaper runs this round."""
         return f"{self.prefix}:reaper"
 
+    def batch(self, batch_id: str) -> str:
+        """Hash: a batch's kind, model, options, total and counters (succeeded, failed,
+        cancelled, started, ended_started, tokens), kept by the scripts that start and end
+        its jobs (a job names this key in its `batch_key` field)."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_items(self, batch_id: str) -> str:
+        """List: the batch's items in submission order, JSON {"id": item id, "job": job id}
+        (a retried item's entry names its new job)."""
+        return f"{self.prefix}:batch:{batch_id}:items"
+
+    def batch_done(self, batch_id: str) -> str:
+        """Stream: one entry per job of the batch that ended (index, item, job, status), in
+        the order they ended; written by the job-ending scripts as `<batch key>:done`."""
+        return f"{self.batch(batch_id)}:done"
+
+    def batches(self) -> str:
+        """Sorted set: batch id -> time it was created (listing and housekeeping)."""
+        return f"{self.prefix}:batches"
+
+    def schedule(self, name: str) -> str:
+        """Hash: a schedule's last run (batch id, time, outcome) and how many ticks it skipped."""
+        return f"{self.prefix}:schedule:{name}"
+
+    def schedule_lock(self, name: str) -> str:
+        """String with a TTL: held while one tick of a schedule runs (no two at once)."""
+        return f"{self.prefix}:schedule:{name}:lock"
+
+    def schedule_seen(self, name: str) -> str:
+        """Set: files a directory schedule has already summarised (path, size, mtime)."""
+        return f"{self.prefix}:schedule:{name}:seen"
+
     def queue(self, model: str) -> str:
         """Celery queue (a Redis list) of one model's jobs."""
         return f"{self.prefix}.{model}"
+
+    def schedules_queue(self) -> str:
+        """Celery queue of the schedules' periodic tasks (every worker consumes it)."""
+        return f"{self.prefix}.schedules"
 
     def queue_lists(self, model: str) -> list[str]:
         """The Redis lists behind a model's queue: kombu keeps one per priority step (Celery

@@ -112,6 +112,13 @@ class Settings(BaseSettings):
         None, gt=0, description="most memory (MB) a worker's model may take, checked before a "
         "swap loads one; unset: the free VRAM (GPU) or RAM (CPU) plus what the old model frees"
     )
+    max_batch_items: int = Field(100_000, ge=1, description="most items in one batch")
+    max_batch_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest POST /v1/batches body (JSON or JSONL)"
+    )
+    batch_ttl_s: int = Field(
+        7 * 86_400, ge=60, description="how long housekeeping keeps a finished batch's state"
+    )
     swap_drain_timeout_s: float = Field(
         600.0, gt=0, description="how long a swap waits for the jobs in flight to finish"
     )

@@ -9,6 +9,7 @@ the helpers below build their arguments and read their replies once for both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -18,7 +19,15 @@ import redis
 import redis.asyncio as aioredis
 
 from broker.keys import Keys
-from broker.messages import Cancelled, ErrorEvent, ErrorInfo, Event, Queued, Requeued
+from broker.messages import (
+    Cancelled,
+    ErrorEvent,
+    ErrorInfo,
+    Event,
+    JobRequest,
+    Queued,
+    Requeued,
+)
 from broker.messages import Started as StartedEvent
 from broker.settings import Settings
 
@@ -45,14 +54,23 @@ local function append(job_key, stream_key, channel, body, maxlen)
   return seq
 end
 local function count_final(metrics_key, hist_key, job_key, status, body)
-  local kind, model = unpack(redis.call('HMGET', job_key, 'kind', 'model'))
+  local kind, model, bk, item, index, started, id = unpack(redis.call('HMGET', job_key, 'kind',
+    'model', 'batch_key', 'item', 'item_index', 'started_at', 'id'))
   kind, model = kind or '?', model or '?'
   redis.call('HINCRBY', metrics_key, kind .. '|' .. model .. '|' .. status, 1)
+  if bk then
+    redis.call('HINCRBY', bk, status, 1)
+    if started then redis.call('HINCRBY', bk, 'ended_started', 1) end
+    redis.call('XADD', bk .. ':done', '*', 'index', index, 'item', item, 'job', id,
+               'status', status)
+  end
   if status ~= 'succeeded' then return end
   local ok, event = pcall(cjson.decode, body)
   if not ok then return end
   if type(event.usage) == 'table' and tonumber(event.usage.completion_tokens) then
-    redis.call('HINCRBY', metrics_key, 'tokens|' .. model, tonumber(event.usage.completion_tokens))
+    local tokens = tonumber(event.usage.completion_tokens)
+    redis.call('HINCRBY', metrics_key, 'tokens|' .. model, tokens)
+    if bk then redis.call('HINCRBY', bk, 'tokens', tokens) end
   end
   if type(event.timings) ~= 'table' then return end
   for metric, bounds in pairs(BUCKETS) do
@@ -98,6 +116,11 @@ if st == 'running' and token == ARGV[7] then
 end
 if st ~= 'queued' or disp ~= ARGV[6] then return {-1} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local batch_key = redis.call('HGET', KEYS[1], 'batch_key')
+if batch_key and attempt == 1 then
+  redis.call('HINCRBY', batch_key, 'started', 1)
+  redis.call('HSETNX', batch_key, 'first_started_at', ARGV[5])
+end
 local timeout = tonumber(redis.call('HGET', KEYS[1], 'timeout_s') or '0')
 if timeout > 0 then
   redis.call('HSETNX', KEYS[1], 'deadline', tostring(tonumber(ARGV[5]) + timeout))
@@ -222,6 +245,20 @@ def _pairs(fields: dict[str, Any]) -> list[str]:
     return out
 
 
+def timeout_of(job: JobRequest, settings: Settings) -> float:
+    """The job's run-time limit: its own timeout_s, else the configured default."""
+    return job.timeout_s if job.timeout_s is not None else settings.job_timeout_s
+
+
+def new_record(job: JobRequest, settings: Settings, **extra: str) -> dict[str, Any]:
+    """The fields a new job's record starts with (the create script adds id and status)."""
+    request_json = job.model_dump(mode="json")
+    fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
+    return {"kind": job.kind, "model": job.model, "created_at": repr(time.time()),
+            "request": request_json, "fingerprint": fingerprint,
+            "timeout_s": repr(timeout_of(job, settings)), **extra}
+
+
 def _body(event: Event) -> str:
     return event.model_dump_json(exclude_none=True)
 
@@ -322,9 +359,27 @@ class JobStore:
         self._append = client.register_script(_APPEND)
         self._finish = client.register_script(_FINISH)
         self._requeue = client.register_script(_REQUEUE)
+        self._create = client.register_script(_CREATE)
+        self._cancel = client.register_script(_CANCEL)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         return _read_record(self.redis.hgetall(self.args.keys.job(job_id)))
+
+    def create_many(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write many queued jobs in one round trip (a batch, a schedule's run)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, record in records:
+            keys, args = self.args.create(job_id, record, None)
+            self._create(keys=keys, args=args, client=pipe)
+        pipe.execute()
+
+    def cancel_many(self, job_ids: list[str]) -> list[str]:
+        """Cancel many jobs in one round trip; each answer as AsyncJobStore.cancel's."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            keys = [*self.args.job_keys(job_id), *self.args.metric_keys()]
+            self._cancel(keys=keys, args=self.args.cancel(job_id), client=pipe)
+        return [_text(reply) for reply in pipe.execute()]
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.args.keys.job(job_id), "cancel") == b"1"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.batch import bulk_groups
+from broker.celery_app import bulk_groups
 from broker.messages import JOB_REQUEST
 from broker.settings import Settings
 
