@@ -105,6 +105,48 @@ class Client:
                     yield json.loads(line[len("data: "):])
         raise ApiUnavailable("the event stream closed before the final event")
 
+    def create_batch(self, params: dict[str, Any], lines: Iterator[bytes]) -> dict[str, Any]:
+        """Upload items as JSONL (streamed, never held whole) with shared options as query."""
+        return dict(self.call("POST", "/v1/batches", params=params, content=lines,
+                              headers={"Content-Type": "application/x-ndjson"}))
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self.call("GET", f"/v1/batches/{batch_id}"))
+
+    def batch_progress(self, batch_id: str, give_up_s: float = 60.0,
+                       ) -> Iterator[dict[str, Any]]:
+        """Progress reports until the batch is completed or cancelled; reconnects on drops."""
+        down_since: float | None = None
+        while True:
+            try:
+                with self.http.stream("GET", f"/v1/batches/{batch_id}/events") as reply:
+                    if reply.status_code >= 400:
+                        reply.read()
+                        raise ApiFailure(error_message(reply), reply.status_code)
+                    for line in reply.iter_lines():
+                        if line.startswith("data: "):
+                            down_since = None
+                            report = json.loads(line[len("data: "):])
+                            yield report
+                            if report["status"] in ("completed", "cancelled"):
+                                return
+            except httpx.TransportError as exc:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > give_up_s:
+                    raise ApiFailure(f"lost the API at {self.url}: {exc}") from None
+            time.sleep(0.5)
+
+    def batch_results(self, batch_id: str, order: str = "submission",
+                      ) -> Iterator[dict[str, Any]]:
+        with self.http.stream("GET", f"/v1/batches/{batch_id}/results",
+                              params={"order": order}) as reply:
+            if reply.status_code >= 400:
+                reply.read()
+                raise ApiFailure(error_message(reply), reply.status_code)
+            for line in reply.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
+
     def wait(self, job_id: str) -> dict[str, Any]:
         """Follow until the job ends, then its record."""
         for _ in self.events(job_id):

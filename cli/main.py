@@ -10,6 +10,7 @@ import socket
 import typer
 
 from broker.settings import Settings
+from cli.batch import batch_app
 from cli.commands import COMMANDS
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -146,6 +147,7 @@ def healthcheck(
 
 for command in COMMANDS:
     cli.command()(command)
+cli.add_typer(batch_app, name="batch")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -169,3 +170,36 @@ def test_healthchecks_pass_for_running_processes_and_fail_for_missing_ones(
     down = check("api", "--url", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 1 and "unreachable" in down.stderr
     assert check("nonsense").returncode == 2
+
+
+def test_batch_summarize_writes_every_result_and_resumes_after_ctrl_c(
+    stack: Stack, tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(4):
+        (notes / f"meeting-{i}.txt").write_text(f"Item {i}: the team agreed to ship on day {i}.")
+    out = tmp_path / "results.jsonl"
+    run = tp(stack.url, "batch", "summarize", str(notes), "--out", str(out), "-n", "8")
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"meeting-{i}.txt" for i in range(4)]
+    assert all(line["status"] == "succeeded" and line["result"]["summary"] for line in lines)
+    assert "succeeded" in run.stderr and "4/4" in run.stderr
+    # Ctrl-C while following: the batch goes on; `batch follow` picks it up again.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOOL_")}
+    proc = subprocess.Popen(tokenpool_argv("batch", "summarize", str(notes), "-n", "40",
+                                           "--url", stack.url),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=env)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    batch_id = first.split("batch ", 1)[1].split(":")[0].strip()
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 130 and f"tokenpool batch follow {batch_id}" in rest
+    again = tp(stack.url, "batch", "follow", batch_id, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert len(out.read_text().splitlines()) == 4
+    status = json.loads(tp(stack.url, "batch", "status", batch_id, "--json").stdout)
+    assert status["status"] == "completed" and status["counts"]["succeeded"] == 4
