@@ -73,6 +73,40 @@ def default_models() -> dict[str, ModelSpec]:
     }
 
 
+class ScheduleSpec(BaseModel):
+    """A recurring run fired by Celery beat: every `every_s` seconds or on a `cron` line."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    action: Literal["summarize_dir", "summarize_list", "housekeeping"] = Field(
+        description="summarize_dir: new files of `path`; summarize_list: items popped from "
+        "the Redis list `list_key`; housekeeping: sweep stale batches and dangling indexes"
+    )
+    every_s: float | None = Field(None, gt=0, description="interval in seconds")
+    cron: str | None = Field(None, description="'minute hour day-of-month month day-of-week'")
+    path: str | None = Field(None, description="summarize_dir: the directory")
+    pattern: str = Field("*", description="summarize_dir: a glob of file names")
+    list_key: str | None = Field(None, description="summarize_list: the Redis list to drain")
+    max_items: int = Field(1000, ge=1, description="most items one run takes")
+    model: str | None = Field(None, description="default: summary")
+    instructions: str | None = Field(None, max_length=2000)
+    max_tokens: int | None = Field(None, ge=1)
+    priority: int = Field(2, ge=0, le=9)
+    lock_ttl_s: float = Field(300, gt=0, description="longest a single tick may take")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ScheduleSpec:
+        if (self.every_s is None) == (self.cron is None):
+            raise ValueError("give exactly one of every_s or cron")
+        if self.cron is not None and len(self.cron.split()) != 5:
+            raise ValueError("cron has five fields: minute hour day-of-month month day-of-week")
+        if self.action == "summarize_dir" and not self.path:
+            raise ValueError("summarize_dir needs path")
+        if self.action == "summarize_list" and not self.list_key:
+            raise ValueError("summarize_list needs list_key")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything configurable, with its unit in its name."""
 
@@ -142,6 +176,9 @@ class Settings(BaseSettings):
     )
     summary_chunk_overlap_tokens: int = Field(32, ge=0, description="map-reduce chunk overlap")
     models: dict[str, ModelSpec] = Field(default_factory=default_models)
+    schedules: dict[str, ScheduleSpec] = Field(
+        default_factory=dict, description="recurring runs for Celery beat (none by default)"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -67,6 +67,7 @@ def worker(
     pin(gpu)  # before anything below can initialise CUDA
     from broker.celery_app import make_celery
     from broker.keys import Keys
+    from schedules.tasks import register as register_schedules
     from tasks.jobs import register
     from workers.runtime import WorkerRuntime
 
@@ -79,10 +80,12 @@ def worker(
     app = make_celery(settings, url)
     runtime = WorkerRuntime(settings, model, gpu, url, name, celery=app)
     register(app, runtime)
+    register_schedules(app, settings, runtime.redis)
     runtime.start()
+    keys = Keys(settings.key_prefix)
     try:
         app.worker_main([
-            "worker", "-Q", Keys(settings.key_prefix).queue(model), "-P", "threads",
+            "worker", "-Q", f"{keys.queue(model)},{keys.schedules_queue()}", "-P", "threads",
             "-c", str(settings.models[model].max_batch),
             "-n", name, "--loglevel", log_level, "--without-mingle", "--without-gossip", "-E",
         ])
