@@ -101,6 +101,9 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
         task_default_queue=keys.queue(next(iter(settings.models))),
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for such messages every 10 s (kombu's default is every 100 s).
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
             "priority_steps": list(range(10)),
             "sep": ":",
             "queue_order_strategy": "priority",

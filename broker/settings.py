@@ -67,7 +67,10 @@ def default_models() -> dict[str, ModelSpec]:
     """The registry that needs no files: Gemma 3 270M for text, MiniLM for embeddings."""
     return {
         "chat": ModelSpec(kind="llm", source=BUNDLED_GEMMA, n_ctx=2048, max_tokens=1024),
-        "summary": ModelSpec(kind="llm", source=BUNDLED_GEMMA, n_ctx=4096, max_tokens=512),
+        # Summaries are mostly prompt: bigger prompt chunks per step (bench/batch: 128 -> 512
+        # took 200 documents from 0.86x to 1.38x a plain one-at-a-time loop).
+        "summary": ModelSpec(kind="llm", source=BUNDLED_GEMMA, n_ctx=4096, max_tokens=512,
+                             prompt_chunk_tokens=512),
         "embed": ModelSpec(kind="embedding", source=BUNDLED_MINILM, dimensions=384,
                            max_batch=32),
     }
@@ -136,7 +139,11 @@ class Settings(BaseSettings):
     live_ttl_s: int = Field(7 * 86_400, ge=60, description="life of a job not yet ended")
     stream_maxlen: int = Field(100_000, ge=100, description="events kept per job stream")
     idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
-    visibility_timeout_s: int = Field(3600, ge=10, description="Celery redis redelivery delay")
+    visibility_timeout_s: int = Field(
+        120, ge=10, description="Celery redelivers a message its worker took but never acked "
+        "after this long (a worker killed before starting it); a redelivered message of a job "
+        "that started meanwhile is refused by the start script, so short is safe"
+    )
     heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker is gone after this silence")
     worker_gone_retention_s: float = Field(

@@ -28,6 +28,7 @@ heartbeat_interval_s = 0.5
 heartbeat_ttl_s = 3
 sse_keepalive_s = 1
 max_body_bytes = 65536
+visibility_timeout_s = 10
 [models.chat]
 n_ctx = 1024
 max_tokens = 256
