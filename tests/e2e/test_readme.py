@@ -48,7 +48,7 @@ def test_the_openai_curl_example_streams_to_done(stack: Stack) -> None:
 
 
 def test_the_cli_examples_run_as_written(stack: Stack, tmp_path: Path) -> None:
-    _, clients = blocks("CLI", "sh")
+    (clients,) = [b for b in blocks("CLI", "sh") if "id=$(tokenpool submit" in b]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOOL_")}
     env |= {"TOKENPOOL_URL": stack.url,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}

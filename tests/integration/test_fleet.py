@@ -116,8 +116,17 @@ def test_a_job_moves_the_worker_to_generating_and_back(fleet: Stack) -> None:
 
 
 def follow_in_thread(stack: Stack, job_id: str) -> tuple[threading.Thread, list[Any]]:
+    """Follow in the background; a failure shows up as a missing final event, not as an
+    exception in a thread (which pytest would pin on a later test)."""
     out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.extend(stack.follow(job_id)), daemon=True)
+
+    def run() -> None:
+        try:
+            out.extend(stack.follow(job_id, timeout_s=120))
+        except AssertionError as exc:
+            out.append({"type": "follow_failed", "error": str(exc)})
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, out
 
@@ -144,10 +153,20 @@ def test_a_worker_swaps_to_summary_and_back_while_a_follower_streams_and_loses_n
     states = [t[2] for t in swapped["transitions"]]
     assert states[-4:] == ["unloading", "idle", "loading", "loaded"]
     assert fleet.job(waiting_chat)["status"] == "queued"  # nobody serves chat now
+    # Park the other summary worker so these summaries can only run on the swapped one.
+    others = [w["name"] for w in fleet.http.get("/v1/workers").json()["data"]
+              if w["live"] and w["model"] == "summary" and w["name"] != name]
+    for other in others:
+        assert fleet.http.post(f"/v1/workers/{other}/unload").status_code == 202
+        wait_beat(fleet, other, lambda b: b["parked"] and not b["consuming"])
     summaries = [fleet.submit({"kind": "summarize", "text": f"Note {i}: the ship sails at dawn "
                                "and returns at dusk.", "max_tokens": 16}) for i in range(4)]
     assert all(fleet.wait_final(j)["status"] == "succeeded" for j in summaries)
-    assert name in {fleet.job(j)["worker"] for j in summaries}
+    assert {fleet.job(j)["worker"] for j in summaries} == {name}
+    for other in others:
+        assert fleet.http.post(f"/v1/workers/{other}/model",
+                               json={"model": "summary"}).status_code == 202
+        wait_beat(fleet, other, lambda b: b["consuming"] and b["state"] == "loaded")
     back = fleet.http.post(f"/v1/workers/{name}/model", json={"model": "chat"})
     assert back.status_code == 202, back.text
     assert fleet.wait_final(waiting_chat)["status"] == "succeeded"
