@@ -51,6 +51,17 @@ def model_for(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) ->
     return spec
 
 
+def check_generate_limits(job: GenerateJob, settings: Settings) -> None:
+    """Stop strings and chat messages: bounded by settings, named when over."""
+    for i, stop in enumerate(job.stop):
+        if len(stop) > settings.max_stop_chars:
+            raise ApiError(413, "stop_too_long", f"stop[{i}] has {len(stop)} characters; at "
+                           f"most {settings.max_stop_chars} (max_stop_chars)", f"stop[{i}]")
+    if job.messages is not None and len(job.messages) > settings.max_messages:
+        raise ApiError(413, "too_many_messages", f"{len(job.messages)} messages; at most "
+                       f"{settings.max_messages} (max_messages)", "messages")
+
+
 def check_limits(job: GenerateJob | SummarizeJob | EmbedJob, spec: ModelSpec) -> None:
     if isinstance(job, EmbedJob):
         if len(job.texts) > spec.max_texts:
@@ -98,4 +109,5 @@ async def admit(
     check_limits(job, spec)
     check_timeout(job, settings)
     if isinstance(job, GenerateJob):
+        check_generate_limits(job, settings)
         await check_context(job, spec, vocab)

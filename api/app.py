@@ -10,11 +10,13 @@ import redis
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from api import batch, batches, deadletters, jobs, metrics, openai_compat, ops, workers
 from api.admission import Vocabularies
+from api.auth import KeyAuth
 from api.errors import ApiError, api_error_handler
 from broker.batches import BatchStore
 from broker.celery_app import make_celery
@@ -76,6 +78,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
                 *openai_compat.routes, *workers.routes,
                 *metrics.routes],
         lifespan=lifespan,
+        middleware=[Middleware(KeyAuth)],
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_error,

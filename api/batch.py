@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.admission import admit
+from api.auth import check_model, owner_of
 from api.errors import ApiError, from_validation
 from api.jobs import job_record, links, parse_json, read_body
 from broker.celery_app import bulk_groups, send_group
@@ -45,9 +46,10 @@ async def submit_batch(request: Request) -> JSONResponse:
         raise ApiError(413, "too_many_jobs", f"{len(batch.jobs)} jobs; at most {limit}", "jobs")
     for i, job in enumerate(batch.jobs):
         await admit_item(job, i, state)
+        check_model(request, job.model)
     ids = [uuid.uuid4().hex for _ in batch.jobs]
     for job_id, job in zip(ids, batch.jobs, strict=True):
-        await state.store.create(job_id, job_record(state, job))
+        await state.store.create(job_id, job_record(state, job, **owner_of(request)))
     await enqueue_all(state, ids, batch.jobs)
     data = [{"id": job_id, "status": "queued", "links": links(job_id)} for job_id in ids]
     return JSONResponse({"object": "list", "data": data}, 202)

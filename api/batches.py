@@ -4,6 +4,7 @@ and retry. Items become ordinary jobs at a lower default priority (broker.batche
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from api.admission import admit
+from api.auth import check_model, may_see, owner_of
 from api.errors import ApiError, field_name, from_validation
 from api.jobs import JOB_ID, parse_json, read_body
 from api.sse import sse_message
@@ -110,13 +112,16 @@ async def create_batch(request: Request) -> JSONResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
     parsed = parse_jsonl(body, request) if content_type in JSONL_TYPES else parse_json_body(body)
     await check_items(state, parsed)
+    check_model(request, parsed.spec.job("x").model)
+    owner = owner_of(request)
 
     def jobs() -> Iterator[tuple[str, JobRequest]]:
         for i, raw in enumerate(parsed.raw_items):
             yield item_job(parsed.spec, raw, i)
 
     try:
-        batch_id = await anyio.to_thread.run_sync(state.batches.create, parsed.spec, jobs())
+        batch_id = await anyio.to_thread.run_sync(
+            functools.partial(state.batches.create, parsed.spec, jobs(), **owner))
     except Exception as exc:
         raise ApiError(503, "unavailable", f"the batch could not be queued ({type(exc).__name__});"
                        " retry later") from None
@@ -131,16 +136,18 @@ def batch_id_of(request: Request) -> str:
     return batch_id
 
 
-async def fields_of(state: Any, batch_id: str) -> dict[str, str]:
+async def fields_of(request: Request, batch_id: str) -> dict[str, str]:
+    """The batch hash, if it exists and the caller's key may see it; else 404."""
+    state = request.app.state
     raw = await state.redis.hgetall(state.keys.batch(batch_id))
-    if not raw:
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    if not fields or not may_see(request, fields.get("owner")):
         raise ApiError(404, "not_found", f"no batch {batch_id!r}", "id")
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return fields
 
 
 async def get_batch(request: Request) -> JSONResponse:
-    state = request.app.state
-    return JSONResponse(progress(await fields_of(state, batch_id_of(request)), time.time()))
+    return JSONResponse(progress(await fields_of(request, batch_id_of(request)), time.time()))
 
 
 async def list_batches(request: Request) -> JSONResponse:
@@ -149,8 +156,9 @@ async def list_batches(request: Request) -> JSONResponse:
     data = []
     for batch_id in ids:
         raw = await state.redis.hgetall(state.keys.batch(batch_id))
-        if raw:
-            data.append(progress({k.decode(): v.decode() for k, v in raw.items()}, time.time()))
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if fields and may_see(request, fields.get("owner")):
+            data.append(progress(fields, time.time()))
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -220,7 +228,7 @@ async def in_completion_order(state: Any, batch_id: str, wait: bool) -> AsyncIte
 async def batch_results(request: Request) -> StreamingResponse:
     state = request.app.state
     batch_id = batch_id_of(request)
-    await fields_of(state, batch_id)
+    await fields_of(request, batch_id)
     order = request.query_params.get("order", "submission")
     if order not in ("submission", "completion"):
         raise ApiError(400, "invalid_request", "order is submission or completion", "order")
@@ -234,8 +242,10 @@ async def progress_events(state: Any, batch_id: str) -> AsyncIterator[bytes]:
     yield b"retry: 1000\n\n"
     last_entry, last_body, seq = "$", "", 0
     while True:
-        fields = await fields_of(state, batch_id)
-        report = progress(fields, time.time())
+        raw = await state.redis.hgetall(state.keys.batch(batch_id))
+        if not raw:
+            return  # swept by housekeeping meanwhile
+        report = progress({k.decode(): v.decode() for k, v in raw.items()}, time.time())
         body = json.dumps({k: v for k, v in report.items()
                            if k not in ("eta_s", "items_per_s", "tokens_per_s")})
         if body != last_body:
@@ -254,7 +264,7 @@ async def progress_events(state: Any, batch_id: str) -> AsyncIterator[bytes]:
 async def batch_events(request: Request) -> StreamingResponse:
     state = request.app.state
     batch_id = batch_id_of(request)
-    await fields_of(state, batch_id)
+    await fields_of(request, batch_id)
     return StreamingResponse(progress_events(state, batch_id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -262,7 +272,7 @@ async def batch_events(request: Request) -> StreamingResponse:
 async def cancel_batch(request: Request) -> JSONResponse:
     state = request.app.state
     batch_id = batch_id_of(request)
-    await fields_of(state, batch_id)
+    await fields_of(request, batch_id)
     outcomes = await anyio.to_thread.run_sync(state.batches.cancel, batch_id)
     return JSONResponse({"id": batch_id, "cancelled": outcomes})
 
@@ -270,7 +280,7 @@ async def cancel_batch(request: Request) -> JSONResponse:
 async def retry_batch(request: Request) -> JSONResponse:
     state = request.app.state
     batch_id = batch_id_of(request)
-    await fields_of(state, batch_id)
+    await fields_of(request, batch_id)
     raw = await read_body(request, state.settings.max_body_bytes)
     try:
         options = BatchOptions.model_validate(

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from api.auth import may_see, owner_of
 from api.errors import ApiError
 from api.jobs import create_and_enqueue, job_id_of, public
 from broker.messages import JOB_REQUEST
@@ -22,24 +23,28 @@ def not_a_dead_letter(job_id: str) -> ApiError:
 
 async def list_dead_letters(request: Request) -> JSONResponse:
     records = await request.app.state.store.dead_letters()
-    return JSONResponse({"object": "list", "data": [public(rec) for rec in records]})
+    data = [public(rec) for rec in records if may_see(request, rec.get("owner"))]
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def requeue_dead_letter(request: Request) -> JSONResponse:
     state = request.app.state
     job_id = job_id_of(request)
     record = await state.store.get(job_id)
-    if record is None or not await state.store.is_dead_letter(job_id):
+    if (record is None or not may_see(request, record.get("owner"))
+            or not await state.store.is_dead_letter(job_id)):
         raise not_a_dead_letter(job_id)
     job = JOB_REQUEST.validate_python(record["request"])
-    reply = await create_and_enqueue(state, job, requeued_from=job_id)
+    reply = await create_and_enqueue(state, job, requeued_from=job_id, **owner_of(request))
     await state.store.forget_dead_letter(job_id)
     return reply
 
 
 async def drop_dead_letter(request: Request) -> JSONResponse:
     job_id = job_id_of(request)
-    if not await request.app.state.store.forget_dead_letter(job_id):
+    record = await request.app.state.store.get(job_id)
+    if (record is not None and not may_see(request, record.get("owner"))) or \
+            not await request.app.state.store.forget_dead_letter(job_id):
         raise not_a_dead_letter(job_id)
     return JSONResponse({"id": job_id, "dropped": True})
 

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from api.admission import admit
+from api.auth import check_model, may_see, owner_of
 from api.errors import ApiError, from_validation, not_found
 from api.sse import event_stream
 from broker.celery_app import send_job
@@ -72,11 +73,15 @@ async def submit(request: Request) -> JSONResponse:
     except ValidationError as exc:
         raise from_validation(exc) from None
     await admit(job, state.settings, state.vocab)
+    check_model(request, job.model)
     idem_key = request.headers.get("idempotency-key")
     if idem_key is not None and not IDEMPOTENCY_KEY.match(idem_key):
         raise ApiError(400, "invalid_header", "Idempotency-Key must be 1-200 visible ASCII "
                        "characters", "Idempotency-Key")
-    return await create_and_enqueue(state, job, idem_key)
+    owner = owner_of(request)
+    if idem_key is not None and owner:  # one key's retries never find another key's job
+        idem_key = f"{owner['owner']}:{idem_key}"
+    return await create_and_enqueue(state, job, idem_key, **owner)
 
 
 def job_record(state: Any, job: JobRequest, **extra: str) -> dict[str, Any]:
@@ -92,7 +97,8 @@ async def create_and_enqueue(
     job_id, created = await store_and_send(state, job, record, idem_key)
     if not created:
         return await _replayed(state, job_id, record["fingerprint"])
-    body = {"id": job_id, "status": "queued", "links": links(job_id), **extra}
+    shown = {k: v for k, v in extra.items() if k != "owner"}
+    body = {"id": job_id, "status": "queued", "links": links(job_id), **shown}
     return JSONResponse(body, 202)
 
 
@@ -137,16 +143,21 @@ async def enqueue(state: Any, job_id: str, kind: str, model: str, priority: int)
         raise ApiError(503, "unavailable", "the queue is unavailable; retry later") from None
 
 
-async def get_job(request: Request) -> JSONResponse:
-    job_id = job_id_of(request)
+async def visible_record(request: Request, job_id: str) -> dict[str, Any]:
+    """The job's record if it exists and the caller's key may see it; else 404."""
     record = await request.app.state.store.get(job_id)
-    if record is None:
+    if record is None or not may_see(request, record.get("owner")):
         raise not_found(job_id)
-    return JSONResponse(public(record))
+    return dict(record)
+
+
+async def get_job(request: Request) -> JSONResponse:
+    return JSONResponse(public(await visible_record(request, job_id_of(request))))
 
 
 async def cancel_job(request: Request) -> JSONResponse:
     job_id = job_id_of(request)
+    await visible_record(request, job_id)
     outcome = await request.app.state.store.cancel(job_id)
     if outcome == "missing":
         raise not_found(job_id)
@@ -184,8 +195,7 @@ async def job_events(request: Request) -> StreamingResponse:
         raise ApiError(503, "too_many_followers", f"this API serves at most "
                        f"{state.settings.max_sse_followers} event streams; retry later or "
                        "read the Redis stream directly")
-    if not await state.redis.exists(state.keys.job(job_id)):
-        raise not_found(job_id)
+    await visible_record(request, job_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(
         event_stream(state, job_id, after), media_type="text/event-stream", headers=headers

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.admission import admit
+from api.auth import check_model, owner_of
 from api.errors import ApiError, field_name
 from api.jobs import job_record, parse_json, read_body, store_and_send
 from api.sse import CancelOnDisconnect
@@ -179,7 +180,9 @@ def as_job(fields: dict[str, Any]) -> Any:
 async def queue(request: Request, job: Any) -> str:
     state = request.app.state
     await admit(job, state.settings, state.vocab)
-    job_id, _ = await store_and_send(state, job, job_record(state, job, api="openai"))
+    check_model(request, job.model)
+    record = job_record(state, job, api="openai", **owner_of(request))
+    job_id, _ = await store_and_send(state, job, record)
     return job_id
 
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import redis
 from celery import Celery
@@ -122,18 +122,19 @@ class BatchStore:
             "status": "creating", "created_at": repr(time.time()), **header,
         }
         self.redis.hset(key, mapping=fields)  # type: ignore[arg-type]
-        index = 0
+        index, owner = 0, {k: v for k, v in header.items() if k == "owner"}
         for chunk in chunks(items):
-            index = self._add(batch_id, chunk, index)
+            index = self._add(batch_id, chunk, index, owner)
         self.redis.hset(key, "status", "running")
         self.redis.zadd(self.keys.batches(), {batch_id: time.time()})
         return batch_id
 
-    def _add(self, batch_id: str, chunk: list[tuple[str, JobRequest]], index: int) -> int:
+    def _add(self, batch_id: str, chunk: list[tuple[str, JobRequest]], index: int,
+             extra: dict[str, str]) -> int:
         key = self.keys.batch(batch_id)
         ids = [uuid.uuid4().hex for _ in chunk]
         records = [(job_id, new_record(job, self.settings, batch=batch_id, batch_key=key,
-                                       item=item_id, item_index=str(index + i)))
+                                       item=item_id, item_index=str(index + i), **extra))
                    for i, (job_id, (item_id, job)) in enumerate(zip(ids, chunk, strict=True))]
         self.jobs.create_many(records)
         pipe = self.redis.pipeline(transaction=True)
@@ -194,10 +195,11 @@ class BatchStore:
                    request: dict[str, Any]) -> None:
         job = JOB_REQUEST.validate_python(request)
         job_id = uuid.uuid4().hex
+        owner = cast(bytes | None, self.redis.hget(key, "owner"))
+        extra = {"owner": owner.decode()} if owner else {}
         self.jobs.create_many([(job_id, new_record(job, self.settings, batch=batch_id,
                                                    batch_key=key, item=item_id,
-                                                   item_index=str(index),
-                                                   retry_of=item_id))])
+                                                   item_index=str(index), **extra))])
         pipe = self.redis.pipeline(transaction=True)
         pipe.lset(self.keys.batch_items(batch_id), index,
                   json.dumps({"id": item_id, "job": job_id}))

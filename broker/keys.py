@@ -103,6 +103,14 @@ class Keys:
         """Set: files a directory schedule has already summarised (path, size, mtime)."""
         return f"{self.prefix}:schedule:{name}:seen"
 
+    def api_key(self, key_id: str) -> str:
+        """Hash: one API key (name, SHA-256 digest of its secret, expiry, models, revoked)."""
+        return f"{self.prefix}:apikey:{key_id}"
+
+    def api_keys(self) -> str:
+        """Set: every API key id; none means the API needs no key (and binds loopback only)."""
+        return f"{self.prefix}:apikeys"
+
     def queue(self, model: str) -> str:
         """Celery queue (a Redis list) of one model's jobs."""
         return f"{self.prefix}.{model}"

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     )
     api_host: str = Field("127.0.0.1", description="API bind address")
     api_port: int = Field(8000, ge=0, le=65535)
+    behind_trusted_proxy: bool = Field(
+        False, description="allow a non-loopback API bind with no API keys (a proxy in front "
+        "authenticates); without keys the API otherwise refuses to bind beyond loopback"
+    )
+    max_stop_chars: int = Field(200, ge=1, description="longest stop string")
+    max_messages: int = Field(256, ge=1, description="most chat messages in one job")
     flower_port: int = Field(5555, ge=0, le=65535)
     flower_user: str = Field("admin")
     flower_password: str | None = Field(None, description="unset: generated and printed by up")

@@ -283,6 +283,7 @@ def _read_record(raw: dict[Any, Any]) -> dict[str, Any] | None:
     out["cancel_requested"] = rec.get("cancel") == "1"
     out["fingerprint"] = rec.get("fingerprint")
     out["requeued_from"] = rec.get("requeued_from")
+    out["owner"] = rec.get("owner")
     return out
 
 

@@ -12,6 +12,7 @@ import typer
 from broker.settings import Settings
 from cli.batch import batch_app
 from cli.commands import COMMANDS
+from cli.keys import keys_app
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tokenpool: a message-queue worker pool for local LLM inference.")
@@ -50,9 +51,35 @@ def api(
 
     setup_logging(log_level)
     settings = Settings()
-    app = create_app(settings, redis_url_of(settings))
-    uvicorn.run(app, host=host or settings.api_host, port=port or settings.api_port,
+    url = redis_url_of(settings)
+    bind = host or settings.api_host
+    refuse_open_bind(settings, url, bind)
+    app = create_app(settings, url)
+    uvicorn.run(app, host=bind, port=port or settings.api_port,
                 log_level=log_level.lower(), timeout_graceful_shutdown=5)
+
+
+def refuse_open_bind(settings: Settings, redis_url: str, host: str) -> None:
+    """Without API keys the API serves loopback only, unless a trusted proxy is in front."""
+    import ipaddress
+
+    import redis
+
+    from broker.keys import Keys
+
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback or settings.behind_trusted_proxy:
+        return
+    with redis.Redis.from_url(redis_url, socket_connect_timeout=5) as client:
+        if client.scard(Keys(settings.key_prefix).api_keys()):
+            return
+    raise typer.BadParameter(
+        f"refusing to serve {host} with no API key: anyone who reaches it could use it. "
+        "Create a key (tokenpool keys create NAME), bind 127.0.0.1, or set "
+        "TOKENPOOL_BEHIND_TRUSTED_PROXY=1 if a proxy in front authenticates", param_hint="--host")
 
 
 @cli.command()
@@ -151,6 +178,7 @@ def healthcheck(
 for command in COMMANDS:
     cli.command()(command)
 cli.add_typer(batch_app, name="batch")
+cli.add_typer(keys_app, name="keys")
 
 
 def main() -> None:

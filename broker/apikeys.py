@@ -1,0 +1,107 @@
+"""API keys: bearer tokens `tp_<id>_<secret>`, stored as a SHA-256 of the secret (never the
+secret), looked up by id and compared in constant time. Managed with `tokenpool keys`."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from broker.keys import Keys
+
+TOKEN = re.compile(r"^tp_([0-9a-f]{12})_([A-Za-z0-9_-]{32,})$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    created_at: float
+    expires_at: float | None = None
+    models: list[str] | None = None  # None: every model
+    revoked: bool = False
+
+    def usable(self, now: float) -> bool:
+        return not self.revoked and (self.expires_at is None or now < self.expires_at)
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _decode(raw: dict[Any, Any]) -> tuple[ApiKey, str] | None:
+    if not raw:
+        return None
+    f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+         for k, v in raw.items()}
+    key = ApiKey(id=f["id"], name=f["name"], created_at=float(f["created_at"]),
+                 expires_at=float(f["expires_at"]) if f.get("expires_at") else None,
+                 models=json.loads(f["models"]) if f.get("models") else None,
+                 revoked=f.get("revoked") == "1")
+    return key, f["digest"]
+
+
+class KeyStore:
+    """Blocking: for the `tokenpool keys` commands (an operator with Redis access)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.redis, self.keys = client, keys
+
+    def create(self, name: str, expires_in_s: float | None = None,
+               models: list[str] | None = None) -> tuple[ApiKey, str]:
+        """A new key and its token; the token is shown once and stored only as a digest."""
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        key = ApiKey(id=key_id, name=name, created_at=time.time(),
+                     expires_at=time.time() + expires_in_s if expires_in_s else None,
+                     models=models)
+        fields = {"id": key_id, "name": name, "created_at": repr(key.created_at),
+                  "digest": digest(secret), "revoked": "0",
+                  "expires_at": repr(key.expires_at) if key.expires_at else "",
+                  "models": json.dumps(models) if models else ""}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.api_key(key_id), mapping=fields)  # type: ignore[arg-type]
+        pipe.sadd(self.keys.api_keys(), key_id)
+        pipe.execute()
+        return key, f"tp_{key_id}_{secret}"
+
+    def list(self) -> list[ApiKey]:
+        ids = sorted(i.decode() for i in self.redis.smembers(self.keys.api_keys()))  # type: ignore[union-attr]
+        found = [_decode(self.redis.hgetall(self.keys.api_key(i))) for i in ids]
+        return [entry[0] for entry in found if entry]
+
+    def revoke(self, key_id: str) -> bool:
+        if not self.redis.exists(self.keys.api_key(key_id)):
+            return False
+        self.redis.hset(self.keys.api_key(key_id), "revoked", "1")
+        return True
+
+
+async def keys_exist(client: aioredis.Redis, keys: Keys) -> bool:
+    return bool(await client.scard(keys.api_keys()))
+
+
+async def authenticate(client: aioredis.Redis, keys: Keys, token: str) -> ApiKey | None:
+    """The key this token belongs to, if it is valid, unrevoked and unexpired."""
+    match = TOKEN.match(token)
+    if not match:
+        return None
+    key_id, secret = match.groups()
+    found = _decode(await client.hgetall(keys.api_key(key_id)))
+    if found is None:
+        hmac.compare_digest(digest(secret), digest(""))  # the same work as a known id
+        return None
+    key, stored = found
+    if not hmac.compare_digest(digest(secret), stored):
+        return None
+    return key if key.usable(time.time()) else None

@@ -1,0 +1,84 @@
+"""`tokenpool keys create|list|revoke`: API keys, managed straight in Redis by an operator
+(REDIS_URL and the key prefix from settings, like the processes)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import redis
+import typer
+from rich.table import Table
+
+from broker.apikeys import KeyStore
+from broker.keys import Keys
+from broker.settings import Settings
+from cli.commands import Json, out, print_json
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys (stored hashed in Redis).")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def seconds(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not match:
+        raise typer.BadParameter("a duration like 90m, 12h or 30d", param_hint="--expires-in")
+    return float(match[1]) * UNITS[match[2]]
+
+
+@contextmanager
+def store() -> Iterator[KeyStore]:
+    settings = Settings()
+    if not settings.redis_url:
+        raise typer.BadParameter("set REDIS_URL to the deployment's Redis")
+    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+        yield KeyStore(client, Keys(settings.key_prefix))
+
+
+@keys_app.command()
+def create(
+    name: Annotated[str, typer.Argument(help="who or what the key is for")],
+    expires_in: Annotated[str | None, typer.Option(help="e.g. 30d, 12h")] = None,
+    models: Annotated[str | None, typer.Option(help="comma-separated models it may use")] = None,
+    as_json: Json = False,
+) -> None:
+    """Create a key; its token is printed once and stored only as a SHA-256 digest."""
+    allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    with store() as keys:
+        key, token = keys.create(name, seconds(expires_in) if expires_in else None, allowed)
+    if as_json:
+        print_json({**key.public(), "token": token})
+        return
+    print(token)
+    typer.echo(f"key {key.id} ({name}) created; the token above is not shown again", err=True)
+
+
+@keys_app.command("list")
+def list_keys(as_json: Json = False) -> None:
+    """Every key: id, name, models, expiry, revoked (never the token)."""
+    with store() as keys:
+        found = keys.list()
+    if as_json:
+        print_json([k.public() for k in found])
+        return
+    table = Table("id", "name", "models", "expires", "state")
+    now = time.time()
+    for k in found:
+        expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.expires_at)) \
+            if k.expires_at else "never"
+        table.add_row(k.id, k.name, ",".join(k.models) if k.models else "all", expires,
+                      "revoked" if k.revoked else "expired" if not k.usable(now) else "active")
+    out.print(table)
+
+
+@keys_app.command()
+def revoke(key_id: Annotated[str, typer.Argument(help="the key id (from keys list)")]) -> None:
+    """Revoke a key at once (within a request or two)."""
+    with store() as keys:
+        if not keys.revoke(key_id):
+            typer.echo(f"no key {key_id!r}", err=True)
+            raise typer.Exit(1)
+    print(f"revoked {key_id}")

@@ -1,0 +1,185 @@
+"""API keys on a real stack of its own: open until a key exists, then bearer tokens only,
+each key seeing only its own jobs and batches; the OpenAI client's api_key works; a bind
+beyond loopback without keys is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from broker.redis_server import EmbeddedRedis, free_port
+from cli.supervisor import tokenpool_argv
+from tests.conftest import Stack, running_stack, stack_env
+
+PREFIX = "tpkeys"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "tokenpool.toml"
+    path.write_text(f"""
+key_prefix = "{PREFIX}"
+heartbeat_interval_s = 0.5
+heartbeat_ttl_s = 3
+[models.chat]
+enabled = false
+[models.summary]
+enabled = false
+[models.embed2]  # configured, never served: a key limited to `embed` must not reach it
+kind = "embedding"
+source = "bundled:all-minilm-l6-v2"
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def open_stack(redis_server: EmbeddedRedis, config: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    def embed_live(http: httpx.Client) -> bool:
+        return "embed" not in http.get("/ready").json().get("missing_workers", ["embed"])
+
+    with running_stack(redis_server.url, config, tmp_path_factory.mktemp("keys-logs"),
+                       {"w-embed": "embed"}, prefix=PREFIX, ready=embed_live) as stack:
+        yield stack
+
+
+def keys_cli(redis_server: EmbeddedRedis, config: Path, *args: str,
+             ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(tokenpool_argv("keys", *args), capture_output=True, text=True,
+                          env=stack_env(redis_server.url, config), timeout=60)
+
+
+def test_without_keys_the_api_is_open_but_refuses_to_bind_beyond_loopback(
+    open_stack: Stack, redis_server: EmbeddedRedis, config: Path,
+) -> None:
+    assert open_stack.http.get("/v1/models").status_code == 200
+    env = stack_env(redis_server.url, config)
+    refused = subprocess.run(tokenpool_argv("api", "--host", "0.0.0.0", "--port",
+                                            str(free_port())),
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 2 and "refusing to serve 0.0.0.0 with no API key" in \
+        " ".join(refused.stderr.split())
+    port = free_port()
+    proxied = subprocess.Popen(tokenpool_argv("api", "--host", "0.0.0.0", "--port", str(port)),
+                               env={**env, "TOKENPOOL_BEHIND_TRUSTED_PROXY": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proxied.poll() is None
+            time.sleep(0.3)
+    finally:
+        proxied.terminate()
+        proxied.wait(15)
+
+
+@pytest.fixture(scope="module")
+def tokens(open_stack: Stack, redis_server: EmbeddedRedis, config: Path) -> dict[str, str]:
+    made = {}
+    for name, extra in (("alice", []), ("bob", ["--models", "embed", "--expires-in", "1d"])):
+        run = keys_cli(redis_server, config, "create", name, *extra)
+        assert run.returncode == 0, run.stderr
+        made[name] = run.stdout.strip()
+    time.sleep(2.5)  # the API re-checks "are there keys?" every 2 s
+    return made
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_keys_are_stored_as_digests_and_listed_without_secrets(
+    open_stack: Stack, tokens: dict[str, str], redis_server: EmbeddedRedis, config: Path,
+) -> None:
+    listed = json.loads(keys_cli(redis_server, config, "list", "--json").stdout)
+    assert {k["name"] for k in listed} == {"alice", "bob"}
+    bob = next(k for k in listed if k["name"] == "bob")
+    assert bob["models"] == ["embed"] and bob["expires_at"] > time.time() + 80_000
+    for token in tokens.values():
+        _, key_id, secret = token.split("_", 2)
+        stored = open_stack.redis.hgetall(f"{PREFIX}:apikey:{key_id}")
+        assert stored[b"digest"].decode() == hashlib.sha256(secret.encode()).hexdigest()
+        assert not any(secret.encode() in value for value in stored.values())
+        assert secret not in json.dumps(listed)
+
+
+def test_with_keys_every_route_but_health_wants_a_valid_bearer_token(
+    open_stack: Stack, tokens: dict[str, str],
+) -> None:
+    http = open_stack.http
+    assert http.get("/health").status_code == 200
+    for headers in ({}, bearer("tp_000000000000_" + "x" * 43), {"Authorization": "Basic eA=="},
+                    bearer(tokens["alice"] + "x")):
+        reply = http.get("/v1/models", headers=headers)
+        assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
+        assert reply.json()["error"]["field"] == "Authorization"
+    assert http.get("/v1/models", headers=bearer(tokens["alice"])).status_code == 200
+
+
+def test_a_key_sees_only_its_own_jobs_and_batches(open_stack: Stack,
+                                                  tokens: dict[str, str]) -> None:
+    http, alice, bob = open_stack.http, bearer(tokens["alice"]), bearer(tokens["bob"])
+    job_id = http.post("/v1/jobs", json={"kind": "embed", "texts": ["mine"]},
+                       headers=alice).json()["id"]
+    for method, path in (("GET", f"/v1/jobs/{job_id}"), ("DELETE", f"/v1/jobs/{job_id}"),
+                         ("GET", f"/v1/jobs/{job_id}/events")):
+        assert http.request(method, path, headers=bob).status_code == 404
+    assert http.get(f"/v1/jobs/{job_id}", headers=alice).status_code == 200
+    batch = http.post("/v1/batches", headers=alice, json={
+        "kind": "embed", "items": [{"id": "a", "text": "one"}]}).json()["id"]
+    assert http.get(f"/v1/batches/{batch}", headers=bob).status_code == 404
+    assert batch not in {b["id"] for b in http.get("/v1/batches", headers=bob).json()["data"]}
+    assert http.get(f"/v1/batches/{batch}", headers=alice).status_code == 200
+
+
+def test_a_key_limited_to_some_models_is_refused_others(open_stack: Stack,
+                                                        tokens: dict[str, str]) -> None:
+    reply = open_stack.http.post("/v1/jobs", headers=bearer(tokens["bob"]),
+                                 json={"kind": "embed", "model": "embed", "texts": ["ok"]})
+    assert reply.status_code == 202
+    before = open_stack.redis.llen(f"{PREFIX}.embed2")
+    refused = open_stack.http.post("/v1/jobs", headers=bearer(tokens["bob"]),
+                                   json={"kind": "embed", "model": "embed2", "texts": ["x"]})
+    assert refused.status_code == 403 and refused.json()["error"]["field"] == "model"
+    assert refused.json()["error"]["type"] == "model_not_allowed"
+    assert open_stack.redis.llen(f"{PREFIX}.embed2") == before
+    alice = open_stack.http.post("/v1/jobs", headers=bearer(tokens["alice"]),
+                                 json={"kind": "embed", "model": "embed2", "texts": ["x"]})
+    assert alice.status_code == 202  # no model list: every model
+
+
+def test_the_openai_clients_api_key_is_the_bearer_token(open_stack: Stack,
+                                                        tokens: dict[str, str]) -> None:
+    good = openai.OpenAI(base_url=f"{open_stack.url}/v1", api_key=tokens["alice"],
+                         max_retries=0, timeout=60)
+    vectors = good.embeddings.create(model="embed", input="hello", encoding_format="float")
+    assert len(vectors.data[0].embedding) == 384
+    bad = openai.OpenAI(base_url=f"{open_stack.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.embeddings.create(model="embed", input="hello")
+
+
+def test_a_revoked_key_stops_working_at_once(open_stack: Stack, tokens: dict[str, str],
+                                             redis_server: EmbeddedRedis,
+                                             config: Path) -> None:
+    run = keys_cli(redis_server, config, "create", "temp")
+    temp = run.stdout.strip()
+    assert open_stack.http.get("/v1/models", headers=bearer(temp)).status_code == 200
+    key_id = temp.split("_")[1]
+    assert keys_cli(redis_server, config, "revoke", key_id).returncode == 0
+    assert open_stack.http.get("/v1/models", headers=bearer(temp)).status_code == 401
+    assert keys_cli(redis_server, config, "revoke", "nope").returncode == 1
+    assert "revoked" in keys_cli(redis_server, config, "list").stdout
