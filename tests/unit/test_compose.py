@@ -75,6 +75,9 @@ def test_redis_keeps_an_aof_and_a_password_and_flower_and_beat_are_there():
     assert all("./models:/models" in s["volumes"] for s in our_services().values())
     assert all(port.startswith("127.0.0.1:") for s in services.values()
                for port in s.get("ports", []))
+    # the API binds 0.0.0.0 inside its container: without keys it must be told why that is ok
+    assert services["api"]["environment"]["TOKENPOOL_BEHIND_TRUSTED_PROXY"] == "1"
+    assert services["api"]["environment"]["REDIS_URL"].startswith("redis://:")
 
 
 def test_the_dockerfiles_copy_what_exists_and_run_our_cli():
