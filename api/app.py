@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from api import batch, batches, deadletters, jobs, metrics, openai_compat, ops, workers
+from api import auth, batch, batches, deadletters, jobs, metrics, openai_compat, ops, workers
 from api.admission import Vocabularies
 from api.auth import KeyAuth
 from api.errors import ApiError, api_error_handler
@@ -74,9 +74,8 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
             sync_client.close()
 
     return Starlette(
-        routes=[*ops.routes, *batch.routes, *batches.routes, *jobs.routes, *deadletters.routes,
-                *openai_compat.routes, *workers.routes,
-                *metrics.routes],
+        routes=[*ops.routes, *auth.routes, *batch.routes, *batches.routes, *jobs.routes,
+                *deadletters.routes, *openai_compat.routes, *workers.routes, *metrics.routes],
         lifespan=lifespan,
         middleware=[Middleware(KeyAuth)],
         exception_handlers={

@@ -9,10 +9,12 @@ import time
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import ApiError
-from broker.apikeys import ApiKey, authenticate, keys_exist
+from broker.apikeys import LIMITS, ApiKey, authenticate, keys_exist
 
 OPEN_PATHS = frozenset({"/health"})
 KEYS_CHECK_S = 2.0  # how stale "are there keys at all?" may be
@@ -42,6 +44,13 @@ class KeyAuth:
                 await self.refuse(scope, receive, send)
                 return
             scope["state"]["api_key"] = key
+            wait_s = await over_rate(state, key)
+            if wait_s is not None:
+                await self.refuse(scope, receive, send, ApiError(
+                    429, "rate_limited", f"over {limit_of(state, key, 'requests_per_minute')} "
+                    "requests per minute for this key", "Authorization",
+                    {"Retry-After": str(wait_s)}))
+                return
         await self.app(scope, receive, send)
 
     async def key_of(self, scope: Scope, state: Any) -> ApiKey | None:
@@ -51,14 +60,90 @@ class KeyAuth:
             return None
         return await authenticate(state.redis, state.keys, token.strip())
 
-    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = ApiError(401, "unauthorized", "a valid API key is required: "
-                         "Authorization: Bearer <key>", "Authorization")
+    async def refuse(self, scope: Scope, receive: Receive, send: Send,
+                     error: ApiError | None = None) -> None:
+        """401 (or the given error) in a body both our clients and OpenAI's can read."""
+        error = error or ApiError(401, "unauthorized", "a valid API key is required: "
+                                  "Authorization: Bearer <key>", "Authorization",
+                                  {"WWW-Authenticate": "Bearer"})
+        code = "invalid_api_key" if error.status == 401 else error.type
         body = {"error": {"type": error.type, "message": error.message, "field": error.field,
-                          "code": "invalid_api_key", "param": None}}
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                          "code": code, "param": None}}
+        headers = [(b"content-type", b"application/json")] + [
+            (k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+def limit_of(state: Any, key: ApiKey, name: str) -> int | None:
+    """The key's own limit, else the settings' default for every key."""
+    own = getattr(key, name)
+    return int(own) if own is not None else getattr(state.settings, f"key_{name}")
+
+
+def utc_day(now: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(now))
+
+
+async def over_rate(state: Any, key: ApiKey) -> int | None:
+    """Seconds to wait if this request is over the key's requests per minute, else None."""
+    limit = limit_of(state, key, "requests_per_minute")
+    if limit is None:
+        return None
+    now = time.time()
+    counter = state.keys.key_requests(key.id, int(now // 60))
+    pipe = state.redis.pipeline(transaction=True)
+    pipe.incr(counter)
+    pipe.expire(counter, 120)
+    used, _ = await pipe.execute()
+    return None if used <= limit else 60 - int(now % 60)
+
+
+async def usage_of(state: Any, key: ApiKey) -> dict[str, Any]:
+    now = time.time()
+    pipe = state.redis.pipeline(transaction=False)
+    pipe.get(state.keys.key_requests(key.id, int(now // 60)))
+    pipe.scard(state.keys.key_active(key.id))
+    pipe.get(state.keys.key_tokens(key.id, utc_day(now)))
+    requests, active, tokens = await pipe.execute()
+    return {"requests_this_minute": int(requests or 0), "active_jobs": int(active or 0),
+            "tokens_today": int(tokens or 0)}
+
+
+async def enforce_quota(request: Request, n_jobs: int = 1) -> None:
+    """Before anything is stored: 429 with Retry-After when the key's jobs in flight or its
+    tokens of the day are used up."""
+    key = key_of(request)
+    if key is None:
+        return
+    state = request.app.state
+    use = await usage_of(state, key)
+    active = limit_of(state, key, "max_active_jobs")
+    if active is not None and use["active_jobs"] + n_jobs > active:
+        raise ApiError(429, "too_many_active_jobs", f"this key has {use['active_jobs']} jobs "
+                       f"queued or running; at most {active} (max_active_jobs)", None,
+                       {"Retry-After": "5"})
+    tokens = limit_of(state, key, "tokens_per_day")
+    if tokens is not None and use["tokens_today"] >= tokens:
+        wait = 86_400 - int(time.time() % 86_400)
+        raise ApiError(429, "token_quota_exceeded", f"this key generated {use['tokens_today']} "
+                       f"tokens today (UTC); at most {tokens} (tokens_per_day)", None,
+                       {"Retry-After": str(wait)})
+
+
+async def usage(request: Request) -> JSONResponse:
+    """The caller's key: its limits and what it uses now."""
+    key = key_of(request)
+    if key is None:
+        return JSONResponse({"key": None, "detail": "no API keys configured: no limits"})
+    state = request.app.state
+    limits = {name: limit_of(state, key, name) for name in LIMITS}
+    return JSONResponse({"key": {"id": key.id, "name": key.name, "models": key.models,
+                                 "expires_at": key.expires_at},
+                         "limits": limits, "use": await usage_of(state, key)})
+
+
+routes = [Route("/v1/usage", usage, methods=["GET"])]
 
 
 def key_of(request: Request) -> ApiKey | None:
@@ -66,9 +151,14 @@ def key_of(request: Request) -> ApiKey | None:
 
 
 def owner_of(request: Request) -> dict[str, str]:
-    """The record field that ties a new job or batch to its key (none without keys)."""
+    """The record fields that tie a new job or batch to its key (none without keys): the
+    owner, and where the job-ending scripts keep the key's jobs in flight and its tokens."""
     key = key_of(request)
-    return {"owner": key.id} if key else {}
+    if key is None:
+        return {}
+    keys = request.app.state.keys
+    return {"owner": key.id, "owner_active": keys.key_active(key.id),
+            "owner_tokens": keys.key_tokens(key.id, utc_day(time.time()))}
 
 
 def may_see(request: Request, owner: str | None) -> bool:

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.admission import admit
-from api.auth import check_model, owner_of
+from api.auth import check_model, enforce_quota, owner_of
 from api.errors import ApiError, from_validation
 from api.jobs import job_record, links, parse_json, read_body
 from broker.celery_app import bulk_groups, send_group
@@ -47,6 +47,7 @@ async def submit_batch(request: Request) -> JSONResponse:
     for i, job in enumerate(batch.jobs):
         await admit_item(job, i, state)
         check_model(request, job.model)
+    await enforce_quota(request, len(batch.jobs))
     ids = [uuid.uuid4().hex for _ in batch.jobs]
     for job_id, job in zip(ids, batch.jobs, strict=True):
         await state.store.create(job_id, job_record(state, job, **owner_of(request)))

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from api.admission import admit
-from api.auth import check_model, may_see, owner_of
+from api.auth import check_model, enforce_quota, may_see, owner_of
 from api.errors import ApiError, field_name, from_validation
 from api.jobs import JOB_ID, parse_json, read_body
 from api.sse import sse_message
@@ -113,6 +113,7 @@ async def create_batch(request: Request) -> JSONResponse:
     parsed = parse_jsonl(body, request) if content_type in JSONL_TYPES else parse_json_body(body)
     await check_items(state, parsed)
     check_model(request, parsed.spec.job("x").model)
+    await enforce_quota(request, len(parsed.raw_items))
     owner = owner_of(request)
 
     def jobs() -> Iterator[tuple[str, JobRequest]]:

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from api.auth import may_see, owner_of
+from api.auth import enforce_quota, may_see, owner_of
 from api.errors import ApiError
 from api.jobs import create_and_enqueue, job_id_of, public
 from broker.messages import JOB_REQUEST
@@ -35,6 +35,7 @@ async def requeue_dead_letter(request: Request) -> JSONResponse:
             or not await state.store.is_dead_letter(job_id)):
         raise not_a_dead_letter(job_id)
     job = JOB_REQUEST.validate_python(record["request"])
+    await enforce_quota(request)
     reply = await create_and_enqueue(state, job, requeued_from=job_id, **owner_of(request))
     await state.store.forget_dead_letter(job_id)
     return reply

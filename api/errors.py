@@ -10,13 +10,15 @@ from starlette.responses import JSONResponse
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, type_: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, type_: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.type, self.message, self.field = status, type_, message, field
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"error": {"type": self.type, "message": self.message, "field": self.field}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def field_name(loc: tuple[Any, ...]) -> str | None:

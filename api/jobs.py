@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from api.admission import admit
-from api.auth import check_model, may_see, owner_of
+from api.auth import check_model, enforce_quota, may_see, owner_of
 from api.errors import ApiError, from_validation, not_found
 from api.sse import event_stream
 from broker.celery_app import send_job
@@ -78,6 +78,7 @@ async def submit(request: Request) -> JSONResponse:
     if idem_key is not None and not IDEMPOTENCY_KEY.match(idem_key):
         raise ApiError(400, "invalid_header", "Idempotency-Key must be 1-200 visible ASCII "
                        "characters", "Idempotency-Key")
+    await enforce_quota(request)
     owner = owner_of(request)
     if idem_key is not None and owner:  # one key's retries never find another key's job
         idem_key = f"{owner['owner']}:{idem_key}"

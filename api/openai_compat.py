@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.admission import admit
-from api.auth import check_model, owner_of
+from api.auth import check_model, enforce_quota, owner_of
 from api.errors import ApiError, field_name
 from api.jobs import job_record, parse_json, read_body, store_and_send
 from api.sse import CancelOnDisconnect
@@ -139,7 +139,7 @@ def openai_error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONRe
         status, code = 404, "model_not_found"
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": exc.message, "type": kind, "param": exc.field, "code": code}}
-    return JSONResponse(body, status, headers=headers)
+    return JSONResponse(body, status, headers={**(exc.headers or {}), **(headers or {})})
 
 
 def invalid(exc: ValidationError) -> ApiError:
@@ -181,6 +181,7 @@ async def queue(request: Request, job: Any) -> str:
     state = request.app.state
     await admit(job, state.settings, state.vocab)
     check_model(request, job.model)
+    await enforce_quota(request)
     record = job_record(state, job, api="openai", **owner_of(request))
     job_id, _ = await store_and_send(state, job, record)
     return job_id

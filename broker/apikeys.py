@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from broker.keys import Keys
 
+LIMITS = ("requests_per_minute", "max_active_jobs", "tokens_per_day")
 TOKEN = re.compile(r"^tp_([0-9a-f]{12})_([A-Za-z0-9_-]{32,})$")
 
 
@@ -28,6 +29,10 @@ class ApiKey:
     expires_at: float | None = None
     models: list[str] | None = None  # None: every model
     revoked: bool = False
+    # Per-key limits; None: the settings' default (key_requests_per_minute, ...)
+    requests_per_minute: int | None = None
+    max_active_jobs: int | None = None
+    tokens_per_day: int | None = None
 
     def usable(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
@@ -45,10 +50,11 @@ def _decode(raw: dict[Any, Any]) -> tuple[ApiKey, str] | None:
         return None
     f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
          for k, v in raw.items()}
+    limits = {name: int(f[name]) if f.get(name) else None for name in LIMITS}
     key = ApiKey(id=f["id"], name=f["name"], created_at=float(f["created_at"]),
                  expires_at=float(f["expires_at"]) if f.get("expires_at") else None,
                  models=json.loads(f["models"]) if f.get("models") else None,
-                 revoked=f.get("revoked") == "1")
+                 revoked=f.get("revoked") == "1", **limits)
     return key, f["digest"]
 
 
@@ -59,16 +65,22 @@ class KeyStore:
         self.redis, self.keys = client, keys
 
     def create(self, name: str, expires_in_s: float | None = None,
-               models: list[str] | None = None) -> tuple[ApiKey, str]:
+               models: list[str] | None = None, requests_per_minute: int | None = None,
+               max_active_jobs: int | None = None, tokens_per_day: int | None = None,
+               ) -> tuple[ApiKey, str]:
         """A new key and its token; the token is shown once and stored only as a digest."""
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        limits = {"requests_per_minute": requests_per_minute,
+                  "max_active_jobs": max_active_jobs, "tokens_per_day": tokens_per_day}
         key = ApiKey(id=key_id, name=name, created_at=time.time(),
                      expires_at=time.time() + expires_in_s if expires_in_s else None,
-                     models=models)
+                     models=models, requests_per_minute=requests_per_minute,
+                     max_active_jobs=max_active_jobs, tokens_per_day=tokens_per_day)
         fields = {"id": key_id, "name": name, "created_at": repr(key.created_at),
                   "digest": digest(secret), "revoked": "0",
                   "expires_at": repr(key.expires_at) if key.expires_at else "",
-                  "models": json.dumps(models) if models else ""}
+                  "models": json.dumps(models) if models else "",
+                  **{k: str(v) if v else "" for k, v in limits.items()}}
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.api_key(key_id), mapping=fields)  # type: ignore[arg-type]
         pipe.sadd(self.keys.api_keys(), key_id)

@@ -27,6 +27,7 @@ from broker.store import JobStore, new_record
 CHUNK = 500
 BATCH_PRIORITY = 2  # below interactive jobs' default 5: a big batch never blocks them
 ENDED = ("succeeded", "failed", "cancelled")
+OWNER_FIELDS = ("owner", "owner_active", "owner_tokens")  # an API key's, on its jobs
 T = TypeVar("T")
 
 
@@ -122,7 +123,7 @@ class BatchStore:
             "status": "creating", "created_at": repr(time.time()), **header,
         }
         self.redis.hset(key, mapping=fields)  # type: ignore[arg-type]
-        index, owner = 0, {k: v for k, v in header.items() if k == "owner"}
+        index, owner = 0, {k: v for k, v in header.items() if k.startswith("owner")}
         for chunk in chunks(items):
             index = self._add(batch_id, chunk, index, owner)
         self.redis.hset(key, "status", "running")
@@ -195,8 +196,8 @@ class BatchStore:
                    request: dict[str, Any]) -> None:
         job = JOB_REQUEST.validate_python(request)
         job_id = uuid.uuid4().hex
-        owner = cast(bytes | None, self.redis.hget(key, "owner"))
-        extra = {"owner": owner.decode()} if owner else {}
+        fields = cast(list[bytes | None], self.redis.hmget(key, *OWNER_FIELDS))
+        extra = {k: v.decode() for k, v in zip(OWNER_FIELDS, fields, strict=True) if v}
         self.jobs.create_many([(job_id, new_record(job, self.settings, batch=batch_id,
                                                    batch_key=key, item=item_id,
                                                    item_index=str(index), **extra))])

@@ -111,6 +111,19 @@ class Keys:
         """Set: every API key id; none means the API needs no key (and binds loopback only)."""
         return f"{self.prefix}:apikeys"
 
+    def key_requests(self, key_id: str, minute: int) -> str:
+        """Counter (expires): requests of one API key in one minute (epoch minutes)."""
+        return f"{self.prefix}:apikey:{key_id}:rpm:{minute}"
+
+    def key_active(self, key_id: str) -> str:
+        """Set: the key's jobs not yet ended (added by the create script, removed by the
+        job-ending scripts, which find this name in the job's `owner_active` field)."""
+        return f"{self.prefix}:apikey:{key_id}:active"
+
+    def key_tokens(self, key_id: str, day: str) -> str:
+        """Counter (expires): tokens generated for the key's jobs created on one UTC day."""
+        return f"{self.prefix}:apikey:{key_id}:tokens:{day}"
+
     def queue(self, model: str) -> str:
         """Celery queue (a Redis list) of one model's jobs."""
         return f"{self.prefix}.{model}"

@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         False, description="allow a non-loopback API bind with no API keys (a proxy in front "
         "authenticates); without keys the API otherwise refuses to bind beyond loopback"
     )
+    key_requests_per_minute: int | None = Field(
+        None, ge=1, description="default per-key requests per minute (unset: no limit)")
+    key_max_active_jobs: int | None = Field(
+        None, ge=1, description="default per-key queued plus running jobs (unset: no limit)")
+    key_tokens_per_day: int | None = Field(
+        None, ge=1, description="default per-key generated tokens per UTC day (unset: none)")
     max_stop_chars: int = Field(200, ge=1, description="longest stop string")
     max_messages: int = Field(256, ge=1, description="most chat messages in one job")
     flower_port: int = Field(5555, ge=0, le=65535)

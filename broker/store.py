@@ -56,6 +56,9 @@ end
 local function count_final(metrics_key, hist_key, job_key, status, body)
   local kind, model, bk, item, index, started, id = unpack(redis.call('HMGET', job_key, 'kind',
     'model', 'batch_key', 'item', 'item_index', 'started_at', 'id'))
+  local owner_active, owner_tokens = unpack(redis.call('HMGET', job_key, 'owner_active',
+                                                       'owner_tokens'))
+  if owner_active then redis.call('SREM', owner_active, id) end
   kind, model = kind or '?', model or '?'
   redis.call('HINCRBY', metrics_key, kind .. '|' .. model .. '|' .. status, 1)
   if bk then
@@ -71,6 +74,10 @@ local function count_final(metrics_key, hist_key, job_key, status, body)
     local tokens = tonumber(event.usage.completion_tokens)
     redis.call('HINCRBY', metrics_key, 'tokens|' .. model, tokens)
     if bk then redis.call('HINCRBY', bk, 'tokens', tokens) end
+    if owner_tokens then
+      redis.call('INCRBY', owner_tokens, tokens)
+      redis.call('EXPIRE', owner_tokens, 172800)
+    end
   end
   if type(event.timings) ~= 'table' then return end
   for metric, bounds in pairs(BUCKETS) do
@@ -99,6 +106,8 @@ if #KEYS == 3 then
   redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[5])
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+local owner_active = redis.call('HGET', KEYS[1], 'owner_active')
+if owner_active then redis.call('SADD', owner_active, ARGV[6]) end
 append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 seal(KEYS[1], KEYS[2], ARGV[4])
 return {ARGV[6], 1}

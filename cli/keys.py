@@ -43,12 +43,18 @@ def create(
     name: Annotated[str, typer.Argument(help="who or what the key is for")],
     expires_in: Annotated[str | None, typer.Option(help="e.g. 30d, 12h")] = None,
     models: Annotated[str | None, typer.Option(help="comma-separated models it may use")] = None,
+    rpm: Annotated[int | None, typer.Option(help="requests per minute")] = None,
+    max_active: Annotated[int | None, typer.Option(help="jobs queued or running at once")] = None,
+    tokens_per_day: Annotated[int | None, typer.Option(help="generated tokens per UTC day")]
+    = None,
     as_json: Json = False,
 ) -> None:
     """Create a key; its token is printed once and stored only as a SHA-256 digest."""
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     with store() as keys:
-        key, token = keys.create(name, seconds(expires_in) if expires_in else None, allowed)
+        key, token = keys.create(name, seconds(expires_in) if expires_in else None, allowed,
+                                 requests_per_minute=rpm, max_active_jobs=max_active,
+                                 tokens_per_day=tokens_per_day)
     if as_json:
         print_json({**key.public(), "token": token})
         return

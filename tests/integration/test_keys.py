@@ -30,7 +30,8 @@ key_prefix = "{PREFIX}"
 heartbeat_interval_s = 0.5
 heartbeat_ttl_s = 3
 [models.chat]
-enabled = false
+n_ctx = 512
+max_tokens = 64
 [models.summary]
 enabled = false
 [models.embed2]  # configured, never served: a key limited to `embed` must not reach it
@@ -43,11 +44,13 @@ source = "bundled:all-minilm-l6-v2"
 @pytest.fixture(scope="module")
 def open_stack(redis_server: EmbeddedRedis, config: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    def embed_live(http: httpx.Client) -> bool:
-        return "embed" not in http.get("/ready").json().get("missing_workers", ["embed"])
+    def live(http: httpx.Client) -> bool:
+        missing = http.get("/ready").json().get("missing_workers", ["embed"])
+        return "embed" not in missing and "chat" not in missing
 
     with running_stack(redis_server.url, config, tmp_path_factory.mktemp("keys-logs"),
-                       {"w-embed": "embed"}, prefix=PREFIX, ready=embed_live) as stack:
+                       {"w-embed": "embed", "w-chat": "chat"}, prefix=PREFIX,
+                       ready=live) as stack:
         yield stack
 
 
@@ -183,3 +186,47 @@ def test_a_revoked_key_stops_working_at_once(open_stack: Stack, tokens: dict[str
     assert open_stack.http.get("/v1/models", headers=bearer(temp)).status_code == 401
     assert keys_cli(redis_server, config, "revoke", "nope").returncode == 1
     assert "revoked" in keys_cli(redis_server, config, "list").stdout
+
+
+def test_quotas_answer_429_with_retry_after_and_show_the_use(
+    open_stack: Stack, tokens: dict[str, str], redis_server: EmbeddedRedis, config: Path,
+) -> None:
+    http = open_stack.http
+    carol = bearer(keys_cli(redis_server, config, "create", "carol", "--rpm", "5")
+                   .stdout.strip())
+    codes = [http.get("/v1/usage", headers=carol).status_code for _ in range(6)]
+    if codes != [200] * 5 + [429]:  # the minute turned mid-way: once more
+        codes = [http.get("/v1/usage", headers=carol).status_code for _ in range(6)]
+    assert codes[-1] == 429 and codes.count(429) >= 1
+    limited = http.get("/v1/usage", headers=carol)
+    assert limited.json()["error"]["type"] == "rate_limited"
+    assert 0 < int(limited.headers["retry-after"]) <= 60
+
+    dave = bearer(keys_cli(redis_server, config, "create", "dave", "--max-active", "2",
+                           "--tokens-per-day", "5").stdout.strip())
+    parked = {"kind": "embed", "model": "embed2", "texts": ["waits: embed2 has no worker"]}
+    first = http.post("/v1/jobs", json=parked, headers=dave).json()["id"]
+    http.post("/v1/jobs", json=parked, headers=dave)
+    third = http.post("/v1/jobs", json=parked, headers=dave)
+    assert third.status_code == 429 and third.json()["error"]["type"] == "too_many_active_jobs"
+    assert int(third.headers["retry-after"]) > 0
+    use = http.get("/v1/usage", headers=dave).json()
+    assert use["limits"]["max_active_jobs"] == 2 and use["use"]["active_jobs"] == 2
+    assert http.delete(f"/v1/jobs/{first}", headers=dave).status_code == 200
+    assert http.get("/v1/usage", headers=dave).json()["use"]["active_jobs"] == 1
+
+    job = http.post("/v1/jobs", headers=dave, json={
+        "kind": "generate", "prompt": "Count: one, two,", "max_tokens": 8, "temperature": 0})
+    assert job.status_code == 202
+    deadline = time.monotonic() + 60
+    while http.get(f"/v1/jobs/{job.json()['id']}", headers=dave).json()["status"] != \
+            "succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    generated = http.get(f"/v1/jobs/{job.json()['id']}", headers=dave).json()["usage"]
+    assert http.get("/v1/usage", headers=dave).json()["use"]["tokens_today"] == \
+        generated["completion_tokens"] >= 5
+    over = http.post("/v1/jobs", headers=dave, json={"kind": "generate", "prompt": "More",
+                                                      "max_tokens": 4})
+    assert over.status_code == 429 and over.json()["error"]["type"] == "token_quota_exceeded"
+    assert int(over.headers["retry-after"]) <= 86_400
