@@ -14,7 +14,18 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from api import auth, batch, batches, deadletters, jobs, metrics, openai_compat, ops, workers
+from api import (
+    auth,
+    batch,
+    batches,
+    deadletters,
+    jobs,
+    metrics,
+    openai_compat,
+    openapi,
+    ops,
+    workers,
+)
 from api.admission import Vocabularies
 from api.auth import KeyAuth
 from api.errors import ApiError, api_error_handler
@@ -75,7 +86,8 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
 
     return Starlette(
         routes=[*ops.routes, *auth.routes, *batch.routes, *batches.routes, *jobs.routes,
-                *deadletters.routes, *openai_compat.routes, *workers.routes, *metrics.routes],
+                *deadletters.routes, *openai_compat.routes, *workers.routes, *metrics.routes,
+                *openapi.routes],
         lifespan=lifespan,
         middleware=[Middleware(KeyAuth)],
         exception_handlers={
