@@ -105,9 +105,14 @@ async def usage_of(state: Any, key: ApiKey) -> dict[str, Any]:
     pipe.get(state.keys.key_requests(key.id, int(now // 60)))
     pipe.scard(state.keys.key_active(key.id))
     pipe.get(state.keys.key_tokens(key.id, utc_day(now)))
-    requests, active, tokens = await pipe.execute()
+    pipe.smembers(state.keys.key_active(key.id))
+    requests, active, tokens, members = await pipe.execute()
+    statuses = state.redis.pipeline(transaction=False)
+    for job_id in members:
+        statuses.hget(state.keys.job(job_id.decode()), "status")
+    queued = sum(s == b"queued" for s in await statuses.execute()) if members else 0
     return {"requests_this_minute": int(requests or 0), "active_jobs": int(active or 0),
-            "tokens_today": int(tokens or 0)}
+            "queued_jobs": queued, "tokens_today": int(tokens or 0)}
 
 
 async def enforce_quota(request: Request, n_jobs: int = 1) -> None:
@@ -122,6 +127,11 @@ async def enforce_quota(request: Request, n_jobs: int = 1) -> None:
     if active is not None and use["active_jobs"] + n_jobs > active:
         raise ApiError(429, "too_many_active_jobs", f"this key has {use['active_jobs']} jobs "
                        f"queued or running; at most {active} (max_active_jobs)", None,
+                       {"Retry-After": "5"})
+    queued = limit_of(state, key, "max_queued_jobs")
+    if queued is not None and use["queued_jobs"] + n_jobs > queued:
+        raise ApiError(429, "too_many_queued_jobs", f"this key has {use['queued_jobs']} jobs "
+                       f"waiting to start; at most {queued} (max_queued_jobs)", None,
                        {"Retry-After": "5"})
     tokens = limit_of(state, key, "tokens_per_day")
     if tokens is not None and use["tokens_today"] >= tokens:

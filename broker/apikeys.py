@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from broker.keys import Keys
 
-LIMITS = ("requests_per_minute", "max_active_jobs", "tokens_per_day")
+LIMITS = ("requests_per_minute", "max_active_jobs", "max_queued_jobs", "tokens_per_day")
 TOKEN = re.compile(r"^tp_([0-9a-f]{12})_([A-Za-z0-9_-]{32,})$")
 
 
@@ -32,6 +32,7 @@ class ApiKey:
     # Per-key limits; None: the settings' default (key_requests_per_minute, ...)
     requests_per_minute: int | None = None
     max_active_jobs: int | None = None
+    max_queued_jobs: int | None = None
     tokens_per_day: int | None = None
 
     def usable(self, now: float) -> bool:
@@ -66,16 +67,18 @@ class KeyStore:
 
     def create(self, name: str, expires_in_s: float | None = None,
                models: list[str] | None = None, requests_per_minute: int | None = None,
-               max_active_jobs: int | None = None, tokens_per_day: int | None = None,
-               ) -> tuple[ApiKey, str]:
+               max_active_jobs: int | None = None, max_queued_jobs: int | None = None,
+               tokens_per_day: int | None = None) -> tuple[ApiKey, str]:
         """A new key and its token; the token is shown once and stored only as a digest."""
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         limits = {"requests_per_minute": requests_per_minute,
-                  "max_active_jobs": max_active_jobs, "tokens_per_day": tokens_per_day}
+                  "max_active_jobs": max_active_jobs, "max_queued_jobs": max_queued_jobs,
+                  "tokens_per_day": tokens_per_day}
         key = ApiKey(id=key_id, name=name, created_at=time.time(),
                      expires_at=time.time() + expires_in_s if expires_in_s else None,
                      models=models, requests_per_minute=requests_per_minute,
-                     max_active_jobs=max_active_jobs, tokens_per_day=tokens_per_day)
+                     max_active_jobs=max_active_jobs, max_queued_jobs=max_queued_jobs,
+                     tokens_per_day=tokens_per_day)
         fields = {"id": key_id, "name": name, "created_at": repr(key.created_at),
                   "digest": digest(secret), "revoked": "0",
                   "expires_at": repr(key.expires_at) if key.expires_at else "",

@@ -137,6 +137,8 @@ class Settings(BaseSettings):
         None, ge=1, description="default per-key requests per minute (unset: no limit)")
     key_max_active_jobs: int | None = Field(
         None, ge=1, description="default per-key queued plus running jobs (unset: no limit)")
+    key_max_queued_jobs: int | None = Field(
+        None, ge=1, description="default per-key jobs waiting to start (unset: no limit)")
     key_tokens_per_day: int | None = Field(
         None, ge=1, description="default per-key generated tokens per UTC day (unset: none)")
     max_stop_chars: int = Field(200, ge=1, description="longest stop string")

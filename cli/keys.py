@@ -45,6 +45,7 @@ def create(
     models: Annotated[str | None, typer.Option(help="comma-separated models it may use")] = None,
     rpm: Annotated[int | None, typer.Option(help="requests per minute")] = None,
     max_active: Annotated[int | None, typer.Option(help="jobs queued or running at once")] = None,
+    max_queued: Annotated[int | None, typer.Option(help="jobs waiting to start")] = None,
     tokens_per_day: Annotated[int | None, typer.Option(help="generated tokens per UTC day")]
     = None,
     as_json: Json = False,
@@ -54,6 +55,7 @@ def create(
     with store() as keys:
         key, token = keys.create(name, seconds(expires_in) if expires_in else None, allowed,
                                  requests_per_minute=rpm, max_active_jobs=max_active,
+                                 max_queued_jobs=max_queued,
                                  tokens_per_day=tokens_per_day)
     if as_json:
         print_json({**key.public(), "token": token})

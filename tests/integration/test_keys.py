@@ -215,6 +215,14 @@ def test_quotas_answer_429_with_retry_after_and_show_the_use(
     assert http.delete(f"/v1/jobs/{first}", headers=dave).status_code == 200
     assert http.get("/v1/usage", headers=dave).json()["use"]["active_jobs"] == 1
 
+    erin = bearer(keys_cli(redis_server, config, "create", "erin", "--max-queued", "1")
+                  .stdout.strip())
+    assert http.post("/v1/jobs", json=parked, headers=erin).status_code == 202
+    waiting = http.post("/v1/jobs", json=parked, headers=erin)
+    assert waiting.status_code == 429 and waiting.json()["error"]["type"] == \
+        "too_many_queued_jobs"
+    assert http.get("/v1/usage", headers=erin).json()["use"]["queued_jobs"] == 1
+
     job = http.post("/v1/jobs", headers=dave, json={
         "kind": "generate", "prompt": "Count: one, two,", "max_tokens": 8, "temperature": 0})
     assert job.status_code == 202
