@@ -53,11 +53,22 @@ class EmbeddedRedis:
     data_dir: Path
     port: int = 0
     appendonly: bool = True
+    password: str | None = field(default=None, repr=False)
+    user: str | None = None  # with a password: an ACL user, and the default user off
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"{self.user or ''}:{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def auth_args(self) -> list[str]:
+        if not self.password:
+            return []
+        if not self.user:
+            return ["--requirepass", self.password]
+        return ["--user", "default", "off", "--user", self.user, "on", f">{self.password}",
+                "~*", "&*", "+@all"]
 
     def command(self) -> list[str]:
         return [
@@ -65,7 +76,7 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir.resolve()),
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-            "--protected-mode", "yes", "--logfile", "redis.log",
+            "--protected-mode", "yes", "--logfile", "redis.log", *self.auth_args(),
         ]
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 
 from broker.redis_server import EmbeddedRedis, free_port
 from cli.supervisor import tokenpool_argv
@@ -238,3 +239,23 @@ def test_quotas_answer_429_with_retry_after_and_show_the_use(
                                                       "max_tokens": 4})
     assert over.status_code == 429 and over.json()["error"]["type"] == "token_quota_exceeded"
     assert int(over.headers["retry-after"]) <= 86_400
+
+
+def test_the_stack_runs_on_a_redis_with_an_acl_user_and_password(
+    tmp_path_factory: pytest.TempPathFactory, config: Path,
+) -> None:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("acl-redis"), appendonly=False,
+                           password="s3cret-pass", user="tokenpool").start()
+    try:
+        anonymous = redis.Redis(port=server.port)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            anonymous.ping()
+        anonymous.close()
+        with running_stack(server.url, config, tmp_path_factory.mktemp("acl-logs"),
+                           {"w-embed": "embed"}, prefix=PREFIX,
+                           ready=lambda http: http.get("/v1/workers").json()["data"] != []) \
+                as stack:
+            job = stack.wait_final(stack.submit({"kind": "embed", "texts": ["behind a password"]}))
+            assert job["status"] == "succeeded" and len(job["result"]["embeddings"][0]) == 384
+    finally:
+        server.stop()
