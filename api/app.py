@@ -26,6 +26,7 @@ from api import (
     ops,
     workers,
 )
+from api.accesslog import AccessLog
 from api.admission import Vocabularies
 from api.auth import KeyAuth
 from api.errors import ApiError, api_error_handler
@@ -89,7 +90,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
                 *deadletters.routes, *openai_compat.routes, *workers.routes, *metrics.routes,
                 *openapi.routes],
         lifespan=lifespan,
-        middleware=[Middleware(KeyAuth)],
+        middleware=[Middleware(AccessLog), Middleware(KeyAuth)],
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_error,

@@ -55,7 +55,8 @@ def api(
     bind = host or settings.api_host
     refuse_open_bind(settings, url, bind)
     app = create_app(settings, url)
-    uvicorn.run(app, host=bind, port=port or settings.api_port,
+    # access_log off: uvicorn's prints query strings; api.accesslog logs without them.
+    uvicorn.run(app, host=bind, access_log=False, port=port or settings.api_port,
                 log_level=log_level.lower(), timeout_graceful_shutdown=5)
 
 

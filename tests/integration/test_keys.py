@@ -259,3 +259,22 @@ def test_the_stack_runs_on_a_redis_with_an_acl_user_and_password(
             assert job["status"] == "succeeded" and len(job["result"]["embeddings"][0]) == 384
     finally:
         server.stop()
+
+
+def test_logs_carry_neither_keys_nor_prompts(open_stack: Stack, tokens: dict[str, str]) -> None:
+    alice = bearer(tokens["alice"])
+    marker = f"secret-instructions-{time.time_ns()}"
+    reply = open_stack.http.post(
+        f"/v1/batches?kind=embed&instructions={marker}", headers={
+            **alice, "Content-Type": "application/x-ndjson"},
+        content=json.dumps({"id": "a", "text": f"private text {marker}"}))
+    assert reply.status_code in (202, 422)
+    job = open_stack.http.post("/v1/jobs", headers=alice, json={
+        "kind": "embed", "texts": [f"another private text {marker}"]})
+    assert job.status_code == 202
+    time.sleep(1.0)
+    assert open_stack.supervisor.log_dir is not None
+    logs = "".join(p.read_text() for p in open_stack.supervisor.log_dir.glob("*.log"))
+    assert "POST /v1/jobs 202" in logs  # the access log is there, just without queries
+    assert marker not in logs
+    assert not any(token.split("_", 2)[2] in logs for token in tokens.values())
