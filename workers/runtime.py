@@ -174,27 +174,36 @@ class WorkerRuntime:
             log.info("job %s: not for this worker now (draining, or its model was swapped "
                      "out); back to the queue", job_id)
             return "rejected"
+        try:
+            started = self.store.start(job_id, self.name, dispatch, uuid.uuid4().hex)
+        except redis.RedisError as exc:
+            return self._lost(job_id, exc)
+        if started is None:
+            # A stale delivery: ended, requeued, or (a redelivery after the visibility
+            # timeout) running right now, perhaps on this very worker, which must go on
+            # naming it in its heartbeat: so a job joins `jobs` only once it has started.
+            log.info("job %s: delivery %d is stale (ended, running or requeued); not run",
+                     job_id, dispatch)
+            return "skipped"
         with self._jobs_lock:
             self.jobs.add(job_id)
         try:
-            started = self.store.start(job_id, self.name, dispatch, uuid.uuid4().hex)
-            if started is None:
-                log.info("job %s: delivery %d is stale (ended, running or requeued); not run",
-                         job_id, dispatch)
-                return "skipped"
             return self._run(job_id, kind, started)
         except redis.RedisError as exc:
-            log.error("job %s: Redis unreachable for %.0fs (%s); left to the reaper", job_id,
-                      self.settings.worker_redis_retry_s, exc)
-            return "lost"
+            return self._lost(job_id, exc)
         finally:
-            # The next heartbeat says so; the reaper judges a job only by a heartbeat written
-            # a second after its start, which names every job this worker runs by then.
+            # The reaper judges a job only by a heartbeat written a second after its start,
+            # which names every job this worker runs by then.
             with self._jobs_lock:
                 self.jobs.discard(job_id)
                 if not self.jobs:
                     self.machine.to_if("generating", "loaded")
             self.last_active = time.monotonic()
+
+    def _lost(self, job_id: str, exc: Exception) -> str:
+        log.error("job %s: Redis unreachable for %.0fs (%s); left to the reaper", job_id,
+                  self.settings.worker_redis_retry_s, exc)
+        return "lost"
 
     def run_many(self, job_ids: list[str], kind: str) -> list[str]:
         """The jobs of one bulk message, side by side (they batch together in the model)."""

@@ -222,3 +222,21 @@ def test_health_ready_and_models_report_the_live_fleet(stack):
     assert set(models) == {"chat", "summary", "embed", "exact"}
     assert models["embed"]["kind"] == "embedding" and models["chat"]["n_ctx"] == 1024
     assert all(m["workers"] and m["workers"][0]["gpu"] == "cpu" for m in models.values())
+
+
+def test_a_redelivered_message_of_a_running_job_leaves_it_running(stack, redis_server):
+    """Celery redelivers a message after visibility_timeout_s; if it reaches the very worker
+    running the job, the start script refuses it and the job must carry on, attempt 1."""
+    from broker.celery_app import make_celery, send_job
+    from broker.settings import Settings
+    from tests.conftest import PREFIX
+
+    job_id = stack.submit({"kind": "generate", "prompt": "List every month of the year:",
+                           "max_tokens": 200, "temperature": 0})
+    stack.events(job_id, stop_after_seq=4)  # running, a few tokens out
+    app = make_celery(Settings(key_prefix=PREFIX), redis_server.url)
+    for _ in range(3):
+        send_job(app, stack.keys, job_id, "generate", "chat", 5, dispatch=1)
+    final = stack.wait_final(job_id)
+    assert final["status"] == "succeeded" and final["attempts"] == 1
+    assert "requeued" not in [e["type"] for e in stack.stream(job_id)]
