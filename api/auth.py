@@ -99,20 +99,26 @@ async def over_rate(state: Any, key: ApiKey) -> int | None:
     return None if used <= limit else 60 - int(now % 60)
 
 
-async def usage_of(state: Any, key: ApiKey) -> dict[str, Any]:
+async def usage_of(state: Any, key: ApiKey, count_queued: bool = True) -> dict[str, Any]:
+    """The key's use now. Counting its queued jobs reads each job in flight, so a submit
+    does that only when the key has a max_queued_jobs limit."""
     now = time.time()
     pipe = state.redis.pipeline(transaction=False)
     pipe.get(state.keys.key_requests(key.id, int(now // 60)))
-    pipe.scard(state.keys.key_active(key.id))
     pipe.get(state.keys.key_tokens(key.id, utc_day(now)))
-    pipe.smembers(state.keys.key_active(key.id))
-    requests, active, tokens, members = await pipe.execute()
+    if count_queued:
+        pipe.smembers(state.keys.key_active(key.id))
+    else:
+        pipe.scard(state.keys.key_active(key.id))
+    requests, tokens, active = await pipe.execute()
+    use = {"requests_this_minute": int(requests or 0), "tokens_today": int(tokens or 0)}
+    if not count_queued:
+        return {**use, "active_jobs": int(active)}
     statuses = state.redis.pipeline(transaction=False)
-    for job_id in members:
+    for job_id in active:
         statuses.hget(state.keys.job(job_id.decode()), "status")
-    queued = sum(s == b"queued" for s in await statuses.execute()) if members else 0
-    return {"requests_this_minute": int(requests or 0), "active_jobs": int(active or 0),
-            "queued_jobs": queued, "tokens_today": int(tokens or 0)}
+    queued = sum(s == b"queued" for s in await statuses.execute()) if active else 0
+    return {**use, "active_jobs": len(active), "queued_jobs": queued}
 
 
 async def enforce_quota(request: Request, n_jobs: int = 1) -> None:
@@ -122,13 +128,13 @@ async def enforce_quota(request: Request, n_jobs: int = 1) -> None:
     if key is None:
         return
     state = request.app.state
-    use = await usage_of(state, key)
+    queued = limit_of(state, key, "max_queued_jobs")
+    use = await usage_of(state, key, count_queued=queued is not None)
     active = limit_of(state, key, "max_active_jobs")
     if active is not None and use["active_jobs"] + n_jobs > active:
         raise ApiError(429, "too_many_active_jobs", f"this key has {use['active_jobs']} jobs "
                        f"queued or running; at most {active} (max_active_jobs)", None,
                        {"Retry-After": "5"})
-    queued = limit_of(state, key, "max_queued_jobs")
     if queued is not None and use["queued_jobs"] + n_jobs > queued:
         raise ApiError(429, "too_many_queued_jobs", f"this key has {use['queued_jobs']} jobs "
                        f"waiting to start; at most {queued} (max_queued_jobs)", None,

@@ -112,7 +112,7 @@ async def create_batch(request: Request) -> JSONResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
     parsed = parse_jsonl(body, request) if content_type in JSONL_TYPES else parse_json_body(body)
     await check_items(state, parsed)
-    check_model(request, parsed.spec.job("x").model)
+    check_model(request, parsed.spec.model_name())
     await enforce_quota(request, len(parsed.raw_items))
     owner = owner_of(request)
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker.celery_app import bulk_groups, send_group
 from broker.keys import Keys
-from broker.messages import JOB_REQUEST, JobRequest
+from broker.messages import JOB_REQUEST, EmbedJob, JobRequest, SummarizeJob
 from broker.settings import Settings
 from broker.store import JobStore, new_record
 
@@ -58,6 +58,11 @@ class BatchSpec(BaseModel):
     model: str | None = Field(None, min_length=1)
     priority: int = Field(BATCH_PRIORITY, ge=0, le=9)
     options: BatchOptions = BatchOptions()
+
+    def model_name(self) -> str:
+        """The model its jobs go to: the given one, else the job kind's default."""
+        job_type = EmbedJob if self.kind == "embed" else SummarizeJob
+        return self.model or str(job_type.model_fields["model"].default)
 
     def job(self, text: str) -> JobRequest:
         """The job of one item (raises ValidationError naming the job's field)."""
