@@ -11,6 +11,11 @@ read its token pieces from a queue; one engine thread owns the model and loops:
 3. one `llama_decode` for the whole batch, then each finished prompt or decoding sequence
    samples its next token with its own sampler chain (sampling parameters, seed, penalties).
 
+Sampled pieces wait in an outbox until every sequence of the step has sampled, and go to their
+task threads just before the next decode: a task thread woken in the middle of sampling takes
+the GIL between the engine's llama.cpp calls (measured: sampling 8 sequences took 6 ms instead
+of 2.5 ms), whereas during a decode the engine holds no GIL.
+
 Planning and slot choice are plain functions over token lists, tested with a fake backend.
 """
 
@@ -130,6 +135,8 @@ class BatchEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.steps = 0
+        self._outbox: list[tuple[queue.SimpleQueue[bytes | Exception | None],
+                                 bytes | Exception | None]] = []
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
 
@@ -155,6 +162,7 @@ class BatchEngine:
             self._seat_waiting()
             plan = plan_batch(self.slots, self.n_batch, self.prompt_chunk)
             if not plan:
+                self._deliver()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -164,6 +172,19 @@ class BatchEngine:
                 log.exception("decode step failed")
                 for slot, _ in plan:
                     self._finish(slot, exc)
+                self._deliver()
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the step's sampled pieces (and ends) to their task threads, in order."""
+        outbox, self._outbox = self._outbox, []
+        for out, item in outbox:
+            out.put(item)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        self._deliver()  # the task threads run while llama.cpp computes, GIL released
+        self.backend.decode(entries)
+        self.steps += 1
 
     def _release_closed(self) -> None:
         for slot in self.slots:
@@ -229,8 +250,10 @@ class BatchEngine:
                 entries.append((token, len(slot.cached) + i, slot.seq, wants))
             slot.cached.extend(chunk)
             slot.pending = slot.pending[take:]
-        self.backend.decode(entries)
-        self.steps += 1
+        self._decode(entries)
+        self._sample_outputs(outputs)
+
+    def _sample_outputs(self, outputs: list[tuple[Slot, int]]) -> None:
         for slot, index in outputs:
             self._sample(slot, index)
 
@@ -242,7 +265,7 @@ class BatchEngine:
         if self.backend.is_eog(token):
             self._finish(slot, None)
             return
-        request.out.put(self.backend.piece(token))
+        self._outbox.append((request.out, self.backend.piece(token)))
         if request.sampled >= request.max_new or len(slot.cached) + 1 >= self.n_ctx:
             self._finish(slot, None)
             return
@@ -253,7 +276,7 @@ class BatchEngine:
         if request is None:
             return
         slot.pending = []  # tokens never decoded are not in the cache
-        request.out.put(error if error is not None else END)
+        self._outbox.append((request.out, error if error is not None else END))
         slot.request = None
 
 
@@ -295,6 +318,7 @@ class InvariantBatchEngine(BatchEngine):
             decoding = [s for s in self.slots if s.request is not None and
                         s.request.sampled > 0 and s.pending]
             if not prompting and not decoding:
+                self._deliver()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -307,6 +331,8 @@ class InvariantBatchEngine(BatchEngine):
                 log.exception("decode step failed")
                 for slot in active:
                     self._finish(slot, exc)
+                self._deliver()
+        self._deliver()
 
     def _prefix_coming(self, request: Request) -> bool:
         return False
@@ -325,9 +351,8 @@ class InvariantBatchEngine(BatchEngine):
                    for i, token in enumerate(chunk)]
         pad = self.prompt_chunk - len(chunk)
         entries += [(chunk[-1], start + len(chunk) + i, slot.seq, False) for i in range(pad)]
-        self.backend.decode(entries)
+        self._decode(entries)
         self.backend.forget(slot.seq, start + len(chunk))
-        self.steps += 1
         slot.cached.extend(chunk)
         slot.pending = slot.pending[len(chunk):]
         if last:
@@ -341,12 +366,13 @@ class InvariantBatchEngine(BatchEngine):
             else:
                 entries.append((0, len(slot.cached), slot.seq, False))
                 dummies.append(slot)
-        self.backend.decode(entries)
-        self.steps += 1
+        self._decode(entries)
         for slot in dummies:
             self.backend.forget(slot.seq, len(slot.cached))
+        outputs = []
         for index, slot in enumerate(self.slots):
             if slot in active:
                 slot.cached.append(slot.pending[0])
                 slot.pending = []
-                self._sample(slot, index)
+                outputs.append((slot, index))
+        self._sample_outputs(outputs)

@@ -93,6 +93,41 @@ def test_each_request_gets_its_own_tokens_from_shared_steps():
         engine.close()
 
 
+def test_a_steps_pieces_reach_their_readers_after_all_its_sampling_before_the_next_decode():
+    class Watching(FakeBackend):
+        """Counts what the readers have been handed at every decode and every sample."""
+
+        def __init__(self):
+            super().__init__()
+            self.reqs, self.at_decode, self.at_sample = [], [], []
+
+        def handed(self):
+            return sum(r.out.qsize() for r in self.reqs)
+
+        def decode(self, entries):
+            self.at_decode.append(self.handed())
+            super().decode(entries)
+
+        def sample(self, request, batch_index):
+            self.at_sample.append((len(self.at_decode), self.handed()))
+            return super().sample(request, batch_index)
+
+    backend = Watching()
+    backend.gate.clear()  # all four are seated before the first decode
+    engine = BatchEngine(backend, max_batch=4, n_ctx=100)
+    try:
+        backend.reqs = [engine.submit(request([10 * i], max_new=3)) for i in range(1, 5)]
+        backend.gate.set()
+        for r in backend.reqs:  # nobody reads while the engine runs: queues only fill
+            got = [r.out.get(timeout=5) for _ in range(4)]
+            assert got[-1] is None and all(got[:3])
+        assert backend.at_decode == [0, 4, 8]  # one step's four pieces each time
+        for step, handed in backend.at_sample:  # nothing handed out mid-sampling
+            assert handed == backend.at_decode[step - 1]
+    finally:
+        engine.close()
+
+
 def test_a_shared_prompt_prefix_is_copied_from_the_slot_that_holds_it():
     backend = FakeBackend()
     engine = BatchEngine(backend, max_batch=2, n_ctx=100)
