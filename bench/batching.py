@@ -10,6 +10,11 @@ wall time) and the worst time to first token of each, their ratios, and tokenpoo
 over its own single stream (`--invariant`: tokenpool with batch-invariant decoding). Then a
 shared-prefix run: 8 jobs whose prompts share a long
 preamble vs 8 whose preambles differ, through tokenpool.
+
+It also prints where the CPU went at each level, in ms per generated token: the serving
+processes (tokenpool: its worker, and apart from it the API and Redis; llama-server: its one
+process) and this client. On a CPU host every ms spent outside the model's threads is taken
+from them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench.llama_server import ensure_llama_server
 from bench.stack import start_stack, wait_ready
@@ -50,6 +56,7 @@ class Level:
     tokens: int
     wall_s: float
     worst_ttft_s: float
+    cpu_s: dict[str, float] | None = None  # CPU seconds per process group, and the client's
 
     @property
     def rate(self) -> float:
@@ -100,16 +107,36 @@ async def llama_server_job(client: httpx.AsyncClient, seed: int, prompt: str,
     return tokens, first
 
 
+def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each group of processes (with their children), and by
+    this process as `client`."""
+    used = {"client": time.process_time()}
+    for name, pids in groups.items():
+        used[name] = 0.0
+        for pid in pids:
+            try:
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    times = proc.cpu_times()
+                    used[name] += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+    return used
+
+
 async def run_level(url: str, job: OneJob, n: int, max_tokens: int, prompts: list[str],
-                    round_: int) -> Level:
+                    round_: int, groups: dict[str, list[int]] | None = None) -> Level:
     limits = httpx.Limits(max_connections=4 * n + 8)
+    before = cpu_seconds(groups or {})
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         started = time.perf_counter()
         results = await asyncio.gather(*(
             job(client, 1000 * round_ + i, prompts[i % len(prompts)], max_tokens)
             for i in range(n)))
         wall = time.perf_counter() - started
-    return Level(sum(t for t, _ in results), wall, max(f for _, f in results))
+    after = cpu_seconds(groups or {})
+    return Level(sum(t for t, _ in results), wall, max(f for _, f in results),
+                 {name: after[name] - before[name] for name in after})
 
 
 class LlamaServer:
@@ -144,24 +171,30 @@ class LlamaServer:
 
 
 def median_level(levels: list[Level]) -> Level:
+    cpu = None
+    if levels[0].cpu_s is not None:
+        cpu = {name: statistics.median((x.cpu_s or {})[name] for x in levels)
+               for name in levels[0].cpu_s}
     return Level(int(statistics.median(x.tokens for x in levels)),
                  statistics.median(x.wall_s for x in levels),
-                 statistics.median(x.worst_ttft_s for x in levels))
+                 statistics.median(x.worst_ttft_s for x in levels), cpu)
 
 
 def compare(args: argparse.Namespace, ours_url: str, server: LlamaServer,
-            ) -> dict[int, tuple[Level, Level]]:
+            ours_groups: dict[str, list[int]]) -> dict[int, tuple[Level, Level]]:
     table: dict[int, tuple[Level, Level]] = {}
     for n in args.levels:
         server.start(n)
         try:
             mine, theirs = [], []
             asyncio.run(run_level(server.url, llama_server_job, 1, 8, PROMPTS, 99))  # warm
+            assert server.process is not None
+            theirs_groups = {"llama-server": [server.process.pid]}
             for r in range(args.rounds):
                 mine.append(asyncio.run(run_level(ours_url, tokenpool_job, n,
-                                                  args.max_tokens, PROMPTS, r)))
+                                                  args.max_tokens, PROMPTS, r, ours_groups)))
                 theirs.append(asyncio.run(run_level(server.url, llama_server_job, n,
-                                                    args.max_tokens, PROMPTS, r)))
+                                                    args.max_tokens, PROMPTS, r, theirs_groups)))
         finally:
             server.stop()
         table[n] = (median_level(mine), median_level(theirs))
@@ -194,6 +227,15 @@ def report(table: dict[int, tuple[Level, Level]], prefix: tuple[Level, Level],
         print(f"{n:>3} {mine.rate:>16.1f} {theirs.rate:>13.1f} {mine.rate / theirs.rate:>6.2f} "
               f"{mine.rate / single:>10.2f} {mine.worst_ttft_s:>15.2f}s "
               f"{theirs.worst_ttft_s:>7.2f}s")
+    print("CPU ms per generated token (median round): tokenpool worker + API & Redis, client"
+          " | llama-server, client")
+    for n, (mine, theirs) in table.items():
+        m, t = mine.cpu_s or {}, theirs.cpu_s or {}
+        per = 1000 / max(mine.tokens, 1)
+        per_t = 1000 / max(theirs.tokens, 1)
+        print(f"{n:>3}  {m.get('worker', 0) * per:6.2f} + {m.get('api+redis', 0) * per:5.2f},"
+              f" {m.get('client', 0) * per:5.2f}  |  {t.get('llama-server', 0) * per_t:6.2f},"
+              f" {t.get('client', 0) * per_t:5.2f}")
     same, differ = prefix
     print(f"shared prefix (8 jobs, ~{len(PREAMBLE.split()) * 2} token preamble, 16 tokens each):"
           f" wall {same.wall_s:.2f}s vs {differ.wall_s:.2f}s distinct "
@@ -230,7 +272,10 @@ def main() -> None:
         try:
             wait_ready(httpx.Client(base_url=ours, timeout=30))
             asyncio.run(run_level(ours, tokenpool_job, 1, 8, PROMPTS, 99))  # warm
-            table = compare(args, ours, server)
+            pids = {child.name: child.process.pid for child in sup.children if child.process}
+            groups = {"worker": [pids["worker-chat"]],
+                      "api+redis": [pids["api"], redis_server.process.pid]}
+            table = compare(args, ours, server, groups)
             prefix = shared_prefix(args, ours)
         finally:
             server.stop()
