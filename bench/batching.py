@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -56,7 +56,7 @@ class Level:
     tokens: int
     wall_s: float
     worst_ttft_s: float
-    cpu_s: dict[str, float] | None = None  # CPU seconds per process group, and the client's
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per process group, and `client`
 
     @property
     def rate(self) -> float:
@@ -171,10 +171,7 @@ class LlamaServer:
 
 
 def median_level(levels: list[Level]) -> Level:
-    cpu = None
-    if levels[0].cpu_s is not None:
-        cpu = {name: statistics.median((x.cpu_s or {})[name] for x in levels)
-               for name in levels[0].cpu_s}
+    cpu = {name: statistics.median(x.cpu_s[name] for x in levels) for name in levels[0].cpu_s}
     return Level(int(statistics.median(x.tokens for x in levels)),
                  statistics.median(x.wall_s for x in levels),
                  statistics.median(x.worst_ttft_s for x in levels), cpu)
@@ -230,7 +227,7 @@ def report(table: dict[int, tuple[Level, Level]], prefix: tuple[Level, Level],
     print("CPU ms per generated token (median round): tokenpool worker + API & Redis, client"
           " | llama-server, client")
     for n, (mine, theirs) in table.items():
-        m, t = mine.cpu_s or {}, theirs.cpu_s or {}
+        m, t = mine.cpu_s, theirs.cpu_s
         per = 1000 / max(mine.tokens, 1)
         per_t = 1000 / max(theirs.tokens, 1)
         print(f"{n:>3}  {m.get('worker', 0) * per:6.2f} + {m.get('api+redis', 0) * per:5.2f},"

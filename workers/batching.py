@@ -162,17 +162,24 @@ class BatchEngine:
             self._seat_waiting()
             plan = plan_batch(self.slots, self.n_batch, self.prompt_chunk)
             if not plan:
-                self._deliver()
-                self._wake.wait(0.05)
-                self._wake.clear()
+                self._idle()
                 continue
             try:
                 self._step(plan)
             except Exception as exc:  # a failed decode fails the jobs in it, not the engine
-                log.exception("decode step failed")
-                for slot, _ in plan:
-                    self._finish(slot, exc)
-                self._deliver()
+                self._fail([slot for slot, _ in plan], exc)
+        self._deliver()
+
+    def _idle(self) -> None:
+        """Nothing to decode: hand out what the last step produced, then wait for work."""
+        self._deliver()
+        self._wake.wait(0.05)
+        self._wake.clear()
+
+    def _fail(self, slots: list[Slot], exc: Exception) -> None:
+        log.exception("decode step failed")
+        for slot in slots:
+            self._finish(slot, exc)
         self._deliver()
 
     def _deliver(self) -> None:
@@ -318,9 +325,7 @@ class InvariantBatchEngine(BatchEngine):
             decoding = [s for s in self.slots if s.request is not None and
                         s.request.sampled > 0 and s.pending]
             if not prompting and not decoding:
-                self._deliver()
-                self._wake.wait(0.05)
-                self._wake.clear()
+                self._idle()
                 continue
             prompt_turn = not prompt_turn if (prompting and decoding) else bool(prompting)
             step = self._prompt_step if prompt_turn else self._decode_step
@@ -328,10 +333,7 @@ class InvariantBatchEngine(BatchEngine):
             try:
                 step(active)
             except Exception as exc:
-                log.exception("decode step failed")
-                for slot in active:
-                    self._finish(slot, exc)
-                self._deliver()
+                self._fail(active, exc)
         self._deliver()
 
     def _prefix_coming(self, request: Request) -> bool:
