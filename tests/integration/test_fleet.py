@@ -49,8 +49,11 @@ def fleet(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory,
     workers = {"w-swap": "chat", "w-summary": "summary", "w-embed": "embed"}
 
     def three_live(http: httpx.Client) -> bool:
+        """Three live workers that have each loaded their model once ("idle" alone is also the
+        state before the first load; the embed worker may be idle again after keep_alive_s)."""
         data = http.get("/v1/workers").json()["data"]
-        return sum(w["live"] and w["state"] in ("loaded", "idle") for w in data) == 3
+        return sum(w["live"] and ["loading", "loaded"] in [t[1:] for t in w["transitions"]]
+                   for w in data) == 3
 
     with running_stack(redis_server.url, config, tmp_path_factory.mktemp("fleet-logs"),
                        workers, prefix=PREFIX, ready=three_live,
