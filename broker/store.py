@@ -18,6 +18,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
+from broker.groupcommit import GroupCommit
 from broker.keys import Keys
 from broker.messages import (
     Cancelled,
@@ -367,6 +368,7 @@ class JobStore:
         self.args = _Args(settings, Keys(settings.key_prefix))
         self._start = client.register_script(_START)
         self._append = client.register_script(_APPEND)
+        self.appends = GroupCommit(client)  # a batch engine's jobs share round trips
         self._finish = client.register_script(_FINISH)
         self._requeue = client.register_script(_REQUEUE)
         self._create = client.register_script(_CREATE)
@@ -411,7 +413,7 @@ class JobStore:
 
     def append(self, job_id: str, event: Event, attempt: int, seq: int) -> Appended:
         keys, args = self.args.job_keys(job_id), self.args.event(job_id, event)
-        got, flag = self._append(keys=keys, args=[*args, attempt, seq])
+        got, flag = self.appends.call(self._append, keys, [*args, attempt, seq])
         return Appended(seq=int(got), cancel_requested=flag == 1, refused=flag == 2)
 
     def finish(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 import uuid
 
 import pytest
@@ -95,3 +97,74 @@ def test_the_last_allowed_attempt_lost_ends_the_job_failed_and_dead_lettered(sto
     assert store.redis.zscore(KEYS.dead_letters(), job_id) is not None
     assert events(store, job_id)[-1]["type"] == "error"
     assert store.requeue(job_id, "w2", 2, 2, "twice") == ("skip", 0)
+
+
+def test_appends_from_many_threads_share_round_trips_and_each_job_keeps_its_order(
+        store, redis_server):
+    """Eight threads, as a batch engine's task threads, append 40 tokens each at once: every
+    stream holds its own tokens in order with contiguous seqs, in fewer round trips than calls."""
+    jobs = [create(redis_server.url) for _ in range(8)]
+    starts = {job_id: store.start(job_id, "w1", 1, f"t{job_id}") for job_id in jobs}
+    go = threading.Barrier(len(jobs))
+    refused = []
+
+    def write(job_id):
+        seq = starts[job_id].next_seq
+        go.wait()
+        for i in range(40):
+            appended = store.append(job_id, TokenEvent(job=job_id, text=f" {job_id[:4]}{i}"),
+                                    1, seq)
+            refused.append(appended.refused)
+            seq = appended.seq + 1
+
+    before = store.appends.round_trips, store.appends.calls
+    threads = [threading.Thread(target=write, args=(job_id,)) for job_id in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    round_trips = store.appends.round_trips - before[0]
+    assert store.appends.calls - before[1] == 320 and round_trips < 320
+    assert not any(refused)
+    for job_id in jobs:
+        stored = events(store, job_id)
+        assert [e["seq"] for e in stored] == list(range(len(stored)))
+        assert [e["text"] for e in stored if e["type"] == "token"] == \
+            [f" {job_id[:4]}{i}" for i in range(40)]
+
+
+def test_a_shared_round_trip_keeps_each_calls_own_answer(store, redis_server):
+    """In one pipeline a stale attempt's append is refused, a cancelled job's written and told
+    of the cancel, a live one's written, each told its own outcome; after a SCRIPT FLUSH (a
+    restarted Redis) the pipeline loads the script."""
+    live, stale, cancelled = (create(redis_server.url) for _ in range(3))
+    calls = [(job_id, store.start(job_id, "w1", 1, f"t{job_id}").next_seq, attempt)
+             for job_id, attempt in ((live, 1), (stale, 7), (cancelled, 1))]
+    store.cancel_many([cancelled])
+    store.redis.script_flush()
+    answers = {}
+
+    def write(job_id, seq, attempt):
+        answers[job_id] = store.append(job_id, TokenEvent(job=job_id, text="x"), attempt, seq)
+
+    group = store.appends
+    with group._cond:
+        group._busy = True  # as if a round trip were under way: the three calls queue up
+    threads = [threading.Thread(target=write, args=call) for call in calls]
+    for thread in threads:
+        thread.start()
+    while len(group._queue) < len(calls):
+        time.sleep(0.01)
+    round_trips = group.round_trips
+    with group._cond:
+        group._busy = False
+        group._cond.notify_all()
+    for thread in threads:
+        thread.join()
+    assert group.round_trips == round_trips + 1
+    assert not answers[live].refused and not answers[live].cancel_requested
+    assert answers[live].seq == calls[0][1]
+    assert answers[stale].refused
+    assert answers[cancelled].cancel_requested and not answers[cancelled].refused
+    assert [e["type"] for e in events(store, live)][-1] == "token"
+    assert [e["type"] for e in events(store, stale)][-1] == "started"
