@@ -33,6 +33,7 @@ from api.errors import ApiError, api_error_handler
 from broker.batches import BatchStore
 from broker.celery_app import make_celery
 from broker.connection import API_SPARE_CONNECTIONS, api_redis
+from broker.events import StreamHub
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.store import AsyncJobStore
@@ -73,6 +74,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
         app.state.keys = Keys(settings.key_prefix)
         app.state.redis = client
         app.state.store = AsyncJobStore(client, settings)
+        app.state.hub = StreamHub(client, app.state.keys)  # one XREAD for every follower
         app.state.celery = make_celery(settings, redis_url)
         # Batch creation, cancel and retry run in threads, a chunk at a time (broker.batches).
         sync_client = redis.Redis.from_url(redis_url, client_name="tokenpool-api-batches",
@@ -82,6 +84,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
         try:
             yield
         finally:
+            await app.state.hub.close()
             await client.aclose()
             sync_client.close()
 

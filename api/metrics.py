@@ -123,7 +123,10 @@ async def metrics(request: Request) -> Response:
                               labels=["model"])
     for model, n in (await queue_depths(state)).items():
         depth.add_metric([model], float(n))
-    families = [*job_families(counts), *histogram_families(hist), depth,
+    followers = GaugeMetricFamily("tokenpool_api_sse_followers",
+                                  "Event streams the scraped API process is serving now")
+    followers.add_metric([], float(state.followers))
+    families = [*job_families(counts), *histogram_families(hist), depth, followers,
                 *worker_families(await fleet(state))]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Frozen(families))

@@ -28,7 +28,7 @@ from api.auth import check_model, enforce_quota, owner_of
 from api.errors import ApiError, field_name
 from api.jobs import job_record, parse_json, read_body, store_and_send
 from api.sse import CancelOnDisconnect
-from broker.events import StreamedEvent, follow
+from broker.events import StreamedEvent
 from broker.messages import FINAL_TYPES, JOB_REQUEST, EmbedJob, GenerateJob
 
 JOB_HEADER = "X-Tokenpool-Job-Id"
@@ -188,7 +188,7 @@ async def queue(request: Request, job: Any) -> str:
 
 
 async def final_record(state: Any, job_id: str) -> dict[str, Any]:
-    async for event in follow(state.redis, state.keys, job_id, -1, state.settings.sse_keepalive_s):
+    async for event in state.hub.follow(job_id, -1, state.settings.sse_keepalive_s):
         if event is not None and event.type in FINAL_TYPES:
             break
     record = await state.store.get(job_id)
@@ -266,7 +266,7 @@ async def chunks(state: Any, job_id: str, shape: Shape, with_usage: bool) -> Asy
     if shape.chat:
         yield shape.chunk([shape.choice("", None, first=True)])
     keepalive_s = state.settings.sse_keepalive_s
-    async for event in follow(state.redis, state.keys, job_id, -1, keepalive_s):
+    async for event in state.hub.follow(job_id, -1, keepalive_s):
         if event is None:
             yield b": keepalive\n\n"
         elif event.type == "token":

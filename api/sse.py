@@ -11,8 +11,6 @@ from redis.exceptions import RedisError
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from broker.events import follow
-
 log = logging.getLogger("tokenpool.api")
 
 
@@ -27,7 +25,7 @@ async def event_stream(state: Any, job_id: str, after: int) -> AsyncIterator[byt
     keepalive_s = state.settings.sse_keepalive_s
     state.followers += 1
     try:
-        async for event in follow(state.redis, state.keys, job_id, after, keepalive_s):
+        async for event in state.hub.follow(job_id, after, keepalive_s):
             if event is not None:
                 yield sse_message(event.seq, event.type, event.data)
                 continue

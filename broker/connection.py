@@ -15,7 +15,7 @@ from redis.retry import Retry
 
 BACKOFF_CAP_S = 1.0
 API_RETRIES = 3
-API_SPARE_CONNECTIONS = 64  # beside the followers' blocking reads, for every other request
+API_SPARE_CONNECTIONS = 64  # beside the followers' catch-up reads, for every other request
 
 
 def retries_for(retry_s: float) -> int:
@@ -35,8 +35,9 @@ def worker_redis(url: str, retry_s: float, name: str) -> redis.Redis:
 
 
 def api_redis(url: str, max_connections: int, name: str = "tokenpool-api") -> aioredis.Redis:
-    """Each SSE follower holds a connection in a blocking XREAD, so the pool must be larger
-    than the number of followers allowed (redis-py's default is 100)."""
+    """Followers wait on one shared blocking XREAD (broker.events.StreamHub), but each one
+    catches up on its own when it joins, all at once in a burst: the pool allows a connection
+    per follower allowed plus spare ones (redis-py's default is 100)."""
     return aioredis.Redis.from_url(
         url, retry=AsyncRetry(_backoff(), API_RETRIES), health_check_interval=30,
         client_name=name, socket_connect_timeout=5, socket_keepalive=True,

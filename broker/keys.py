@@ -124,6 +124,11 @@ class Keys:
         """Counter (expires): tokens generated for the key's jobs created on one UTC day."""
         return f"{self.prefix}:apikey:{key_id}:tokens:{day}"
 
+    def reader_wake(self, reader: str) -> str:
+        """Stream (a few entries, expires): wakes one API process's shared event reader when
+        a follower joins, so its blocking XREAD starts again with the new job's stream."""
+        return f"{self.prefix}:reader:{reader}:wake"
+
     def queue(self, model: str) -> str:
         """Celery queue (a Redis list) of one model's jobs."""
         return f"{self.prefix}.{model}"

@@ -179,7 +179,7 @@ class Settings(BaseSettings):
     )
     sse_keepalive_s: float = Field(15.0, gt=0, description="SSE comment sent when idle")
     max_sse_followers: int = Field(
-        1000, ge=1, description="SSE followers one API process serves (each holds a Redis read)"
+        1000, ge=1, description="SSE followers one API process serves at once"
     )
     max_attempts: int = Field(
         3, ge=1, le=100, description="a job whose worker dies this often ends failed (poison)"
