@@ -21,7 +21,6 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.exceptions import RedisError
 
 from broker.keys import Keys, stream_id
 from broker.messages import FINAL_TYPES
@@ -171,7 +170,8 @@ class StreamHub:
                 del self._watched[stream]
 
     async def _wake(self) -> None:
-        with contextlib.suppress(RedisError):  # the reader reads the new stream within 5 s
+        # Without Redis the wake is lost; the reader names the new stream within 5 s anyway.
+        with contextlib.suppress(redis_errors.RedisError):
             pipe = self.client.pipeline(transaction=False)
             pipe.xadd(self.wake_key, {"w": "1"}, maxlen=8, approximate=False)
             pipe.expire(self.wake_key, WAKE_TTL_S)
@@ -191,7 +191,7 @@ class StreamHub:
             try:
                 reply = cast(XReadReply, await self.client.xread(
                     streams, count=READ_COUNT, block=READER_BLOCK_MS))
-            except RedisError as exc:
+            except redis_errors.RedisError as exc:
                 self._down_since = self._down_since or time.monotonic()
                 log.debug("shared event reader: %s", exc)
                 await asyncio.sleep(RECONNECT_PAUSE_S)
