@@ -21,12 +21,14 @@ class LlamaBackend:
     share cells of a common prefix)."""
 
     def __init__(self, path: Path, n_ctx_seq: int, n_seq: int, n_gpu_layers: int,
-                 n_threads: int | None, n_batch: int, unified: bool = True) -> None:
+                 n_threads: int | None, n_batch: int, unified: bool = True,
+                 repack: bool = True) -> None:
         from llama_cpp import _internals, llama_cpp
 
         self.C = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_extra_bufts = repack  # CPU weight repacking (faster GEMM kernels)
         self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
         threads = n_threads or os.cpu_count() or 1
         cparams = llama_cpp.llama_context_default_params()
