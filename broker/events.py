@@ -110,16 +110,14 @@ class StreamHub:
         cursor = _Cursor(stream_id(after_seq) if after_seq >= 0 else "0-0", after_seq)
         async for event in self._catch_up(stream, cursor):
             yield event
-            if event.type in FINAL_TYPES:
-                return
+        if cursor.ended:
+            return
         queue: asyncio.Queue[Entries] = asyncio.Queue()
         await self._join(stream, cursor.last, queue)
         try:
             async for event in self._catch_up(stream, cursor):
                 yield event
-                if event.type in FINAL_TYPES:
-                    return
-            while True:
+            while not cursor.ended:  # the cursor drops whatever follows the final event
                 try:
                     entries = await asyncio.wait_for(queue.get(), block_s)
                 except TimeoutError:
@@ -128,8 +126,6 @@ class StreamHub:
                     continue
                 for event in cursor.take(entries):
                     yield event
-                    if event.type in FINAL_TYPES:
-                        return
         finally:
             self._leave(stream, queue)
 
