@@ -6,14 +6,49 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+from collections import deque
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import numpy as np
 
 from workers.batching import BatchEngine, InvariantBatchEngine, Request, pieces
+from workers.candidates import top_superset
 from workers.engine import Sampling
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for repeat_penalty
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+@dataclass(eq=False)
+class Chain:
+    """A request's llama.cpp sampler chain, and what the candidate shortcut needs to know."""
+
+    sampler: Any  # llama-cpp-python's LlamaSampler
+    top: int | None  # the chain keeps at most this many highest logits (None: it may keep any)
+    penalised: bool  # penalties lower the logits of the tokens in `history`
+    history: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_LAST_N))
+
+    def reach(self) -> int | None:
+        """How many of the highest logits the chain can pick from: its top, plus every token
+        a penalty may push below them."""
+        if self.top is None:
+            return None
+        return self.top + (len(set(self.history)) if self.penalised else 0)
+
+
+def chain_top(sampling: Sampling) -> int | None:
+    """The number of highest logits a chain for `sampling` picks among, when that is known
+    before the penalties: greedy picks one, top-k keeps k. Penalties below their neutral
+    values raise logits, and a raised token may come from anywhere: None."""
+    if (sampling.repeat_penalty < 1 or sampling.frequency_penalty < 0
+            or sampling.presence_penalty < 0):
+        return None
+    if sampling.temperature == 0:
+        return 1
+    return sampling.top_k if sampling.top_k > 0 else None
 
 
 class LlamaBackend:
@@ -48,6 +83,7 @@ class LlamaBackend:
         self.n_vocab = self.model.n_vocab()
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._buf = ctypes.create_string_buffer(256)
+        self.shortcut = True  # sample among the few reachable logits (off: all of them)
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         batch = self.batch
@@ -62,28 +98,56 @@ class LlamaBackend:
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
 
-    def sampler_for(self, sampling: Sampling) -> Any:
+    def sampler_for(self, sampling: Sampling) -> Chain:
         from llama_cpp import _internals
 
         chain = _internals.LlamaSampler()
         chain.add_penalties(self.n_vocab, PENALTY_LAST_N, sampling.repeat_penalty,
                             sampling.frequency_penalty, sampling.presence_penalty)
+        penalised = (sampling.repeat_penalty != 1 or sampling.frequency_penalty != 0
+                     or sampling.presence_penalty != 0)
+        top = chain_top(sampling) if self.shortcut else None
         if sampling.temperature == 0:
             chain.add_greedy()
-            return chain
+            return Chain(chain, top, penalised)
         seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
         chain.add_top_k(sampling.top_k)
         chain.add_top_p(sampling.top_p, 1)
         chain.add_min_p(sampling.min_p, 1)
         chain.add_temp(sampling.temperature)
         chain.add_dist(seed)
-        return chain
+        return Chain(chain, top, penalised)
 
     def sample(self, request: Request, batch_index: int) -> int:
+        """The request's chain picks the next token from row `batch_index` of the last decode:
+        from a small superset of the logits it can pick (workers/candidates.py) where the
+        chain allows, else from the whole vocabulary. Both pick the same token."""
         if request.sampler is None:
             request.sampler = self.sampler_for(request.sampling)
-        chain: Any = request.sampler
-        return int(self.C.llama_sampler_sample(chain.sampler, self.ctx, batch_index))
+        chain = cast(Chain, request.sampler)
+        reach = chain.reach()
+        ids = None
+        if reach is not None:
+            logits = self.C.llama_get_logits_ith(self.ctx, batch_index)
+            row = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+            ids = top_superset(row, reach)
+        if ids is None:
+            token = int(self.C.llama_sampler_sample(chain.sampler.sampler, self.ctx, batch_index))
+        else:
+            token = self._sample_among(chain, row, ids)
+        chain.history.append(token)
+        return token
+
+    def _sample_among(self, chain: Chain, row: np.ndarray, ids: np.ndarray) -> int:
+        data = np.zeros(ids.shape[0], dtype=TOKEN_DATA)
+        data["id"], data["logit"] = ids, row[ids]
+        array = self.C.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(self.C.llama_token_data)),
+            size=ids.shape[0], selected=-1, sorted=False)
+        self.C.llama_sampler_apply(chain.sampler.sampler, ctypes.byref(array))
+        token = int(array.data[array.selected].id)
+        self.C.llama_sampler_accept(chain.sampler.sampler, token)
+        return token
 
     def is_eog(self, token: int) -> bool:
         return bool(self.C.llama_vocab_is_eog(self.vocab, token))
