@@ -126,19 +126,20 @@ class LlamaBackend:
             request.sampler = self.sampler_for(request.sampling)
         chain = cast(Chain, request.sampler)
         reach = chain.reach()
-        ids = None
-        if reach is not None:
-            logits = self.C.llama_get_logits_ith(self.ctx, batch_index)
-            row = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
-            ids = top_superset(row, reach)
-        if ids is None:
+        token = None if reach is None else self._sample_among(chain, batch_index, reach)
+        if token is None:
             token = int(self.C.llama_sampler_sample(chain.sampler.sampler, self.ctx, batch_index))
-        else:
-            token = self._sample_among(chain, row, ids)
         chain.history.append(token)
         return token
 
-    def _sample_among(self, chain: Chain, row: np.ndarray, ids: np.ndarray) -> int:
+    def _sample_among(self, chain: Chain, batch_index: int, reach: int) -> int | None:
+        """The chain's pick among a superset of the row's `reach` highest logits; None where
+        no superset can be had (the caller samples the whole row)."""
+        logits = self.C.llama_get_logits_ith(self.ctx, batch_index)
+        row = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        ids = top_superset(row, reach)
+        if ids is None:
+            return None
         data = np.zeros(ids.shape[0], dtype=TOKEN_DATA)
         data["id"], data["logit"] = ids, row[ids]
         array = self.C.llama_token_data_array(

@@ -3,6 +3,7 @@ from the whole vocabulary (the real Gemma 270M, in this process)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 
@@ -43,7 +44,7 @@ def generate(backend: LlamaBackend, sampling: Sampling, shortcut: bool) -> list[
     """Every prompt decoded side by side in one batch per step, each with its own seed."""
     backend.shortcut = shortcut
     prompts = [list(backend.model.tokenize(p.encode(), True, False)) for p in PROMPTS]
-    requests = [Request(tokens=t, sampling=Sampling(**{**vars(sampling), "seed": 11 + s}),
+    requests = [Request(tokens=t, sampling=dataclasses.replace(sampling, seed=11 + s),
                         max_new=STEPS) for s, t in enumerate(prompts)]
     for seq in range(len(prompts)):
         backend.forget(seq, 0)
@@ -66,13 +67,13 @@ def test_the_shortcut_samples_the_same_tokens_as_the_whole_vocabulary(
         backend: LlamaBackend, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     sampling, applies = SHORTCUT[name]
     taken = []
+    superset = llama_model.top_superset
 
     def counted(row, k):  # type: ignore[no-untyped-def]
-        ids = llama_model_top_superset(row, k)
+        ids = superset(row, k)
         taken.append(ids is not None)
         return ids
 
-    llama_model_top_superset = llama_model.top_superset
     monkeypatch.setattr(llama_model, "top_superset", counted)
     whole = generate(backend, sampling, shortcut=False)
     assert taken == []  # the reference run samples from all 262,144 logits
