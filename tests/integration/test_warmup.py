@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
 import redis
 from starlette.testclient import TestClient
 

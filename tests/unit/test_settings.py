@@ -70,3 +70,14 @@ def test_up_materialises_each_bundled_model_once_and_leaves_paths_alone(monkeypa
     monkeypatch.setenv("TOKENPOOL_MODELS__BIG__SOURCE", str(tmp_path / "missing.gguf"))
     cli.up.prepare_bundled(Settings())
     assert calls == ["bundled:all-minilm-l6-v2", "bundled:gemma3-270m"]
+
+
+def test_a_batch_invariant_model_pads_prompt_steps_to_32_rows_unless_told_otherwise():
+    from broker.settings import INVARIANT_PROMPT_CHUNK, ModelSpec
+
+    plain = ModelSpec(kind="llm", source="x.gguf")
+    invariant = ModelSpec(kind="llm", source="x.gguf", batch_invariant=True)
+    told = ModelSpec(kind="llm", source="x.gguf", batch_invariant=True, prompt_chunk_tokens=64)
+    assert plain.prompt_chunk() == plain.prompt_chunk_tokens == 128
+    assert invariant.prompt_chunk() == INVARIANT_PROMPT_CHUNK == 32
+    assert told.prompt_chunk() == 64
