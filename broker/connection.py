@@ -16,6 +16,12 @@ from redis.retry import Retry
 BACKOFF_CAP_S = 1.0
 API_RETRIES = 3
 API_SPARE_CONNECTIONS = 64  # beside the followers' catch-up reads, for every other request
+# A worker's threads each take a connection per command: Celery's `max_batch` task threads,
+# and for a bulk message (one per `max_batch` embedding jobs) up to `max_batch` more each.
+# redis-py 8 caps a pool at 100 and raises "Too many connections" past it, which the retry
+# took for Redis being away (an embed worker on a 10,000-item batch left jobs to the reaper).
+# Redis itself allows 10,000 clients.
+WORKER_MAX_CONNECTIONS = 4096
 
 
 def retries_for(retry_s: float) -> int:
@@ -31,6 +37,7 @@ def worker_redis(url: str, retry_s: float, name: str) -> redis.Redis:
     return redis.Redis.from_url(
         url, retry=Retry(_backoff(), retries_for(retry_s)), health_check_interval=30,
         client_name=name, socket_connect_timeout=5, socket_keepalive=True,
+        max_connections=WORKER_MAX_CONNECTIONS,
     )
 
 
