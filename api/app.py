@@ -71,6 +71,11 @@ WARM_TIMEOUT_S = 5.0
 WARM_MAX = 32
 
 
+def warm_burst(settings: Settings) -> int:
+    """How many jobs' worth of connections `warm_up` opens: the biggest `max_batch`."""
+    return min(WARM_MAX, max(spec.max_batch for spec in settings.models.values()))
+
+
 async def warm_up(state: Any, n: int) -> None:
     """Open, right after start, what a burst of `n` jobs would otherwise open on its way:
     `n` Redis connections, Celery producer connections and the threads the sends run in.
@@ -112,8 +117,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
                                            socket_connect_timeout=5)
         app.state.batches = BatchStore(sync_client, settings, app.state.celery)
         app.state.vocab = Vocabularies(settings.cache_dir)
-        burst = min(WARM_MAX, max(spec.max_batch for spec in settings.models.values()))
-        warming = asyncio.create_task(warm_up(app.state, burst))
+        warming = asyncio.create_task(warm_up(app.state, warm_burst(settings)))
         try:
             yield
         finally:
