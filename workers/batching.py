@@ -303,17 +303,39 @@ def pieces(engine: BatchEngine, request: Request) -> Generator[bytes, None, None
         engine._wake.set()
 
 
+ROW_GROUP = 4  # llama.cpp's repacked x86 kernels multiply rows 4 at a time, the rest one by one
+
+
+def padded_rows(n: int) -> int:
+    """`n` rounded up to whole row groups."""
+    return -(-n // ROW_GROUP) * ROW_GROUP
+
+
 class InvariantBatchEngine(BatchEngine):
     """Batch-invariant decoding: a job's tokens do not depend on the other jobs in the batch.
 
     llama.cpp's kernels add in an order that depends on the shape of the batch, so greedy text
-    can change with the company a job keeps. Here every step has one fixed shape: a decode
-    step is exactly one row per slot (idle slots decode a dummy token that is dropped again),
-    and a prompt step is exactly `prompt_chunk` rows of one job (padded past its end, the
-    padding dropped again). With per-sequence KV streams (no shared cells) and no prefix
-    reuse, a job's rows see the same arithmetic whoever else runs. It costs throughput (idle
-    rows are computed), so it is opt-in (`batch_invariant`).
+    can change with the company a job keeps. `python -m bench.invariance` shows one way, on a
+    CPU: the repacked weights multiply rows in groups of 4 with one kernel and the rows left
+    over with another, and the two round differently. So every step here has one of two
+    shapes, each a whole number of groups:
+
+    - a decode step has a row for every slot, rounded up to a whole group (idle slots, and
+      spare sequences past `max_batch`, decode a dummy token that is dropped again). Shorter
+      steps (up to the highest busy slot) were tried: 4-row and 8-row steps gave a job
+      different text, so the shape stays fixed;
+    - a prompt step gives each joining job exactly `prompt_chunk` rows (a whole number of
+      groups; padded past the prompt's end, the padding dropped again), all joining jobs in
+      one step.
+
+    With per-sequence KV streams (no shared cells) and no prefix reuse, a job's rows see the
+    same arithmetic whoever else runs. It costs the dummy and padding rows, so it is opt-in
+    (`batch_invariant`).
     """
+
+    def __init__(self, backend: Backend, max_batch: int, n_ctx: int, n_batch: int = 512,
+                 prompt_chunk: int = 32) -> None:
+        super().__init__(backend, max_batch, n_ctx, n_batch, padded_rows(prompt_chunk))
 
     def _loop(self) -> None:
         prompt_turn = True
@@ -329,7 +351,8 @@ class InvariantBatchEngine(BatchEngine):
                 continue
             prompt_turn = not prompt_turn if (prompting and decoding) else bool(prompting)
             step = self._prompt_step if prompt_turn else self._decode_step
-            active = prompting[:1] if prompt_turn else decoding
+            fits = max(1, self.n_batch // self.prompt_chunk)
+            active = prompting[:fits] if prompt_turn else decoding
             try:
                 step(active)
             except Exception as exc:
@@ -346,35 +369,44 @@ class InvariantBatchEngine(BatchEngine):
         target.request, request.reused, request.sampler = request, 0, None
 
     def _prompt_step(self, active: list[Slot]) -> None:
-        slot = active[0]
-        chunk = slot.pending[: self.prompt_chunk]
-        start, last = len(slot.cached), len(chunk) == len(slot.pending)
-        entries = [(token, start + i, slot.seq, last and i == len(chunk) - 1)
-                   for i, token in enumerate(chunk)]
-        pad = self.prompt_chunk - len(chunk)
-        entries += [(chunk[-1], start + len(chunk) + i, slot.seq, False) for i in range(pad)]
+        entries: list[tuple[int, int, int, bool]] = []
+        outputs: list[tuple[Slot, int]] = []
+        cut: list[tuple[Slot, list[int]]] = []
+        for slot in active:
+            chunk = slot.pending[: self.prompt_chunk]
+            start, last = len(slot.cached), len(chunk) == len(slot.pending)
+            if last:
+                outputs.append((slot, len(entries) + len(chunk) - 1))
+            entries += [(token, start + i, slot.seq, last and i == len(chunk) - 1)
+                        for i, token in enumerate(chunk)]
+            pad = self.prompt_chunk - len(chunk)
+            entries += [(chunk[-1], start + len(chunk) + i, slot.seq, False) for i in range(pad)]
+            cut.append((slot, chunk))
         self._decode(entries)
-        self.backend.forget(slot.seq, start + len(chunk))
-        slot.cached.extend(chunk)
-        slot.pending = slot.pending[len(chunk):]
-        if last:
-            self._sample(slot, len(chunk) - 1)
+        for slot, chunk in cut:
+            self.backend.forget(slot.seq, len(slot.cached) + len(chunk))
+            slot.cached.extend(chunk)
+            slot.pending = slot.pending[len(chunk):]
+        self._sample_outputs(outputs)
 
     def _decode_step(self, active: list[Slot]) -> None:
-        entries, dummies = [], []
-        for slot in self.slots:
-            if slot in active:
-                entries.append((slot.pending[0], len(slot.cached), slot.seq, True))
-            else:
-                entries.append((0, len(slot.cached), slot.seq, False))
-                dummies.append(slot)
+        rows = padded_rows(len(self.slots))
+        entries: list[tuple[int, int, int, bool]] = []
+        dummies: list[tuple[int, int]] = []
+        outputs: list[tuple[Slot, int]] = []
+        for seq in range(rows):
+            slot = self.slots[seq] if seq < len(self.slots) else None
+            if slot is not None and slot in active:
+                outputs.append((slot, len(entries)))
+                entries.append((slot.pending[0], len(slot.cached), seq, True))
+            else:  # an idle or prompting slot, or a spare sequence: a dummy row
+                pos = len(slot.cached) if slot is not None else 0
+                entries.append((0, pos, seq, False))
+                dummies.append((seq, pos))
         self._decode(entries)
-        for slot in dummies:
-            self.backend.forget(slot.seq, len(slot.cached))
-        outputs = []
-        for index, slot in enumerate(self.slots):
-            if slot in active:
-                slot.cached.append(slot.pending[0])
-                slot.pending = []
-                outputs.append((slot, index))
+        for seq, pos in dummies:
+            self.backend.forget(seq, pos)
+        for slot, _ in outputs:
+            slot.cached.append(slot.pending[0])
+            slot.pending = []
         self._sample_outputs(outputs)

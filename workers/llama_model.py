@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from workers.batching import BatchEngine, InvariantBatchEngine, Request, pieces
+from workers.batching import BatchEngine, InvariantBatchEngine, Request, padded_rows, pieces
 from workers.candidates import top_superset
 from workers.engine import Sampling
 
@@ -191,8 +191,10 @@ class LlamaModel:
 
     def __init__(self, path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
                  max_batch: int = 1, prompt_chunk: int = 128, invariant: bool = False) -> None:
-        n_batch = max(512, prompt_chunk + max_batch)
-        self.backend = LlamaBackend(path, n_ctx, max_batch, n_gpu_layers, n_threads, n_batch,
+        # A batch-invariant engine pads decode steps to whole row groups with spare sequences.
+        n_seq = padded_rows(max_batch) if invariant else max_batch
+        n_batch = max(512, prompt_chunk + n_seq)
+        self.backend = LlamaBackend(path, n_ctx, n_seq, n_gpu_layers, n_threads, n_batch,
                                     unified=not invariant)
         self.n_ctx = n_ctx
         engine = InvariantBatchEngine if invariant else BatchEngine

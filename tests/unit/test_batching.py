@@ -191,18 +191,44 @@ def test_a_request_waits_for_a_long_prefix_another_slot_is_still_decoding():
         engine.close()
 
 
-def test_an_invariant_engine_runs_every_step_in_one_fixed_shape():
+def rows_per_seq(batch):
+    counts = {}
+    for *_, seq, _wants in batch:
+        counts[seq] = counts.get(seq, 0) + 1
+    return counts
+
+
+def test_an_invariant_engine_runs_every_step_in_whole_groups_of_four_rows():
     from workers.batching import InvariantBatchEngine
 
     backend = FakeBackend()
-    engine = InvariantBatchEngine(backend, max_batch=3, n_ctx=100, prompt_chunk=4)
+    engine = InvariantBatchEngine(backend, max_batch=3, n_ctx=100, prompt_chunk=3)
     try:
         reqs = [request([10, 11, 12, 13, 14, 15], max_new=2), request([20], max_new=3)]
         assert run_together(engine, reqs) == {10: b"<16><17>", 20: b"<21><22><23>"}
-        shapes = {len(batch) for batch in backend.batches}
-        assert shapes <= {3, 4}  # decode steps: one row per slot; prompt steps: the chunk
-        prompt_steps = [b for b in backend.batches if len(b) == 4]
-        assert all(len({seq for *_, seq, _ in b}) == 1 for b in prompt_steps)
-        assert backend.forgot  # the padding rows were dropped again
+        assert engine.prompt_chunk == 4  # rounded up to a whole group
+        for batch in backend.batches:
+            counts = rows_per_seq(batch)
+            assert len(batch) % 4 == 0, batch
+            if set(counts.values()) == {1}:  # a decode step: slots 0.. and the spare seq 3
+                assert sorted(counts) == list(range(len(batch)))
+            else:  # a prompt step: each joining job's chunk, padded to 4 rows
+                assert set(counts.values()) == {4}, batch
+        assert any(seq == 3 for seq, _ in backend.forgot)  # the spare seq's dummy dropped
+    finally:
+        engine.close()
+
+
+def test_an_invariant_engine_pads_decode_steps_past_max_batch_to_a_whole_group():
+    from workers.batching import InvariantBatchEngine
+
+    backend = FakeBackend()
+    engine = InvariantBatchEngine(backend, max_batch=6, n_ctx=100, prompt_chunk=4)
+    try:
+        assert run_together(engine, [request([5, 6], max_new=4)]) == {5: b"<7><8><9><10>"}
+        decode_steps = [b for b in backend.batches if set(rows_per_seq(b).values()) == {1}]
+        assert len(decode_steps) == 3
+        assert all([seq for *_, seq, _ in b] == list(range(8)) for b in decode_steps)
+        assert {(6, 0), (7, 0)} <= set(backend.forgot)  # the spare sequences' dummies
     finally:
         engine.close()
