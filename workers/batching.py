@@ -336,6 +336,8 @@ class InvariantBatchEngine(BatchEngine):
     def __init__(self, backend: Backend, max_batch: int, n_ctx: int, n_batch: int = 512,
                  prompt_chunk: int = 32) -> None:
         super().__init__(backend, max_batch, n_ctx, n_batch, padded_rows(prompt_chunk))
+        self.decode_rows = padded_rows(max_batch)  # every slot, then spare sequences
+        self.prompt_jobs = max(1, n_batch // self.prompt_chunk)  # joining jobs per prompt step
 
     def _loop(self) -> None:
         prompt_turn = True
@@ -351,8 +353,7 @@ class InvariantBatchEngine(BatchEngine):
                 continue
             prompt_turn = not prompt_turn if (prompting and decoding) else bool(prompting)
             step = self._prompt_step if prompt_turn else self._decode_step
-            fits = max(1, self.n_batch // self.prompt_chunk)
-            active = prompting[:fits] if prompt_turn else decoding
+            active = prompting[: self.prompt_jobs] if prompt_turn else decoding
             try:
                 step(active)
             except Exception as exc:
@@ -390,11 +391,10 @@ class InvariantBatchEngine(BatchEngine):
         self._sample_outputs(outputs)
 
     def _decode_step(self, active: list[Slot]) -> None:
-        rows = padded_rows(len(self.slots))
         entries: list[tuple[int, int, int, bool]] = []
         dummies: list[tuple[int, int]] = []
         outputs: list[tuple[Slot, int]] = []
-        for seq in range(rows):
+        for seq in range(self.decode_rows):
             slot = self.slots[seq] if seq < len(self.slots) else None
             if slot is not None and slot in active:
                 outputs.append((slot, len(entries)))
