@@ -1,19 +1,23 @@
-"""Which batch shapes change a job's logits: the cause behind `batch_invariant`.
+"""Which batch shapes change a job's logits: why `batch_invariant` sets llama.cpp up as it does.
 
-    python -m bench.invariance [--steps 12]
+    python -m bench.invariance [--steps 40]
 
 One llama.cpp context (the worker's `LlamaBackend`) decodes a greedy job alone, then the same
 job again (forced to the same tokens) beside companion sequences that add rows to every decode
 step. For each row count it prints the first step whose logits are not bit-identical to the
-job's alone, with llama.cpp's CPU weight repacking on (the default) and off. A "none" at every
-row count would mean the default engine needed no `batch_invariant` mode on this host.
+job's alone, for three backends: `batch_invariant = false` (a unified KV cache and repacked
+weights), the same without repacking, and the invariant backend (a KV stream per sequence, no
+repacking, no tiled K-quant matmul). "none" everywhere is what the invariant one must show.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 
@@ -69,27 +73,44 @@ def first_difference(a: list, b: list) -> str:
     return "none"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    args = parser.parse_args()
+BACKENDS = {  # name: (unified KV cache, repacked weights), each probed in a process of its own
+    "fast": (True, True),  # batch_invariant = false
+    "fast, no repack": (True, False),
+    "invariant": (False, False),  # batch_invariant = true: also no tiled K-quant matmul
+}
+
+
+def probe(name: str, steps: int) -> list[str]:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
     settings = Settings()
     gguf = resolve(settings.models["chat"].source, settings.cache_dir)
+    unified, repack = BACKENDS[name]
+    backend = LlamaBackend(gguf, 1024, max(ROWS), 0, None, 512, unified=unified, repack=repack)
+    try:
+        probe = Probe(backend)
+        alone, base = probe.run(1, steps, None)
+        return [first_difference(base, probe.run(rows, steps, alone)[1]) for rows in ROWS[1:]]
+    finally:
+        backend.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--backend", choices=BACKENDS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.backend:  # one row of the table, in this process
+        print(json.dumps(probe(args.backend, args.steps)))
+        return
     print(f"first step whose logits differ from the job alone ({args.steps} decode steps; "
           f"step 0 is the prompt)")
-    print(f"{'rows per step':>14} " + " ".join(f"{r:>8}" for r in ROWS[1:]))
-    for repack in (True, False):
-        backend = LlamaBackend(gguf, 1024, max(ROWS), 0, None, 512, repack=repack)
-        try:
-            probe = Probe(backend)
-            alone, base = probe.run(1, args.steps, None)
-            cells = [first_difference(base, probe.run(rows, args.steps, alone)[1])
-                     for rows in ROWS[1:]]
-        finally:
-            backend.close()
-        print(f"{'repack ' + ('on' if repack else 'off'):>14} " +
-              " ".join(f"{c:>8}" for c in cells))
+    print(f"{'rows per step':>16} " + " ".join(f"{r:>8}" for r in ROWS[1:]))
+    for name in BACKENDS:  # llama.cpp latches its kernel switches once per process
+        out = subprocess.run([sys.executable, "-m", "bench.invariance", "--backend", name,
+                              "--steps", str(args.steps)], check=True, capture_output=True,
+                             text=True).stdout
+        cells = json.loads(out.strip().splitlines()[-1])
+        print(f"{name:>16} " + " ".join(f"{c:>8}" for c in cells))
 
 
 if __name__ == "__main__":

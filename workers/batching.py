@@ -16,7 +16,10 @@ task threads just before the next decode: a task thread woken in the middle of s
 the GIL between the engine's llama.cpp calls (measured: sampling 8 sequences took 6 ms instead
 of 2.5 ms), whereas during a decode the engine holds no GIL.
 
-Planning and slot choice are plain functions over token lists, tested with a fake backend.
+`InvariantBatchEngine` (a model's `batch_invariant`, the default) keeps each step to shapes
+whose arithmetic per row does not depend on the other rows, so a job's tokens do not depend on
+its company. Planning and slot choice are plain functions over token lists, tested with a fake
+backend.
 """
 
 from __future__ import annotations
@@ -303,103 +306,79 @@ def pieces(engine: BatchEngine, request: Request) -> Generator[bytes, None, None
         engine._wake.set()
 
 
-ROW_GROUP = 4  # llama.cpp's repacked x86 kernels multiply rows 4 at a time, the rest one by one
-
-
-def padded_rows(n: int) -> int:
-    """`n` rounded up to whole row groups."""
-    return -(-n // ROW_GROUP) * ROW_GROUP
+FA_TILE_ROWS = 64  # from this many rows per sequence llama.cpp's CPU attention is tiled
+# llama.cpp pads a KV stream's length to 256 cells; a lone row attending to 512 or more (a
+# sequence past position 255: in a stream of its own, a token's cell is its position) takes
+# its split-KV attention, which adds up differently.
+LONE_ROW_CELLS = 256
 
 
 class InvariantBatchEngine(BatchEngine):
     """Batch-invariant decoding: a job's tokens do not depend on the other jobs in the batch.
 
-    llama.cpp's kernels add in an order that depends on the shape of the batch, so greedy text
-    can change with the company a job keeps. `python -m bench.invariance` shows one way, on a
-    CPU: the repacked weights multiply rows in groups of 4 with one kernel and the rows left
-    over with another, and the two round differently. So every step here has one of two
-    shapes, each a whole number of groups:
+    It runs on a backend whose kernels give every row the same arithmetic whatever the
+    number of rows (`LlamaBackend(invariant=True)`: no repacked weights, no tiled K-quant
+    matmul, one KV stream per sequence, whose cells stay in position order). What is left
+    are llama.cpp's row-count-dependent paths, which the steps here never take:
 
-    - a decode step has a row for every slot, rounded up to a whole group (idle slots, and
-      spare sequences past `max_batch`, decode a dummy token that is dropped again). Shorter
-      steps (up to the highest busy slot) were tried: 4-row and 8-row steps gave a job
-      different text, so the shape stays fixed;
-    - a prompt step gives each joining job exactly `prompt_chunk` rows (a whole number of
-      groups; padded past the prompt's end, the padding dropped again), all joining jobs in
-      one step.
+    - a decode step is one ubatch: a row for every sequence from the lowest to the highest
+      decoding one (a gap, an idle or prompting slot, decodes a dummy token that is dropped
+      again), and never a lone row past `LONE_ROW_CELLS` (that would take llama.cpp's
+      split-KV attention): such a decoder gets a dummy neighbour;
+    - a prompt chunk is a decode of its own, of 2 to `FA_TILE_ROWS - 1` rows (from 64 rows
+      llama.cpp tiles the attention).
 
-    With per-sequence KV streams (no shared cells) and no prefix reuse, a job's rows see the
-    same arithmetic whoever else runs. It costs the dummy and padding rows, so it is opt-in
-    (`batch_invariant`).
+    Shared prefixes are copied between KV streams (`share`), not recomputed.
     """
 
     def __init__(self, backend: Backend, max_batch: int, n_ctx: int, n_batch: int = 512,
-                 prompt_chunk: int = 32) -> None:
-        super().__init__(backend, max_batch, n_ctx, n_batch, padded_rows(prompt_chunk))
-        self.decode_rows = padded_rows(max_batch)  # every slot, then spare sequences
-        self.prompt_jobs = max(1, n_batch // self.prompt_chunk)  # joining jobs per prompt step
+                 prompt_chunk: int = 48, n_seq: int | None = None) -> None:
+        super().__init__(backend, max_batch, n_ctx, n_batch,
+                         max(2, min(prompt_chunk, FA_TILE_ROWS - 1)))
+        self.n_seq = n_seq or max(2, max_batch)  # sequences the backend has (spares: dummies)
 
     def _loop(self) -> None:
-        prompt_turn = True
         while not self._stop.is_set():
             self._release_closed()
             self._seat_waiting()
-            prompting = [s for s in self.slots if s.request is not None and
-                         s.request.sampled == 0 and s.pending]
-            decoding = [s for s in self.slots if s.request is not None and
-                        s.request.sampled > 0 and s.pending]
-            if not prompting and not decoding:
+            decoding = [s for s in self.slots if s.request is not None and len(s.pending) == 1]
+            prompting = [s for s in self.slots if s.request is not None and len(s.pending) > 1]
+            if not decoding and not prompting:
                 self._idle()
                 continue
-            prompt_turn = not prompt_turn if (prompting and decoding) else bool(prompting)
-            step = self._prompt_step if prompt_turn else self._decode_step
-            active = prompting[: self.prompt_jobs] if prompt_turn else decoding
-            try:
-                step(active)
-            except Exception as exc:
-                self._fail(active, exc)
+            for step, active in ((self._decode_step, decoding), (self._prompt_steps, prompting)):
+                if not active:
+                    continue
+                try:
+                    step(active)
+                except Exception as exc:
+                    self._fail(active, exc)
         self._deliver()
 
-    def _prefix_coming(self, request: Request) -> bool:
-        return False
-
-    def _seat(self, request: Request) -> None:
-        target = next(s for s in self.slots if s.request is None)
-        self.backend.forget(target.seq, 0)
-        target.cached, target.pending = [], list(request.tokens)
-        target.request, request.reused, request.sampler = request, 0, None
-
-    def _prompt_step(self, active: list[Slot]) -> None:
-        entries: list[tuple[int, int, int, bool]] = []
-        outputs: list[tuple[Slot, int]] = []
-        cut: list[tuple[Slot, list[int]]] = []
+    def _prompt_steps(self, active: list[Slot]) -> None:
+        budget = self.prompt_chunk
         for slot in active:
-            chunk = slot.pending[: self.prompt_chunk]
-            start, last = len(slot.cached), len(chunk) == len(slot.pending)
-            if last:
-                outputs.append((slot, len(entries) + len(chunk) - 1))
-            entries += [(token, start + i, slot.seq, last and i == len(chunk) - 1)
-                        for i, token in enumerate(chunk)]
-            pad = self.prompt_chunk - len(chunk)
-            entries += [(chunk[-1], start + len(chunk) + i, slot.seq, False) for i in range(pad)]
-            cut.append((slot, chunk))
-        self._decode(entries)
-        for slot, chunk in cut:
-            self.backend.forget(slot.seq, len(slot.cached) + len(chunk))
-            slot.cached.extend(chunk)
-            slot.pending = slot.pending[len(chunk):]
-        self._sample_outputs(outputs)
+            if budget < 2:
+                return
+            take = min(len(slot.pending), budget)  # >= 2: one pending token is a decoder's
+            budget -= take
+            self._step([(slot, take)])
 
     def _decode_step(self, active: list[Slot]) -> None:
+        seqs = [slot.seq for slot in active]
+        low, high = min(seqs), max(seqs)
+        if low == high and len(active[0].cached) >= LONE_ROW_CELLS:  # give it a neighbour
+            high = low + 1 if low + 1 < self.n_seq else high
+            low = low - 1 if high == low else low
         entries: list[tuple[int, int, int, bool]] = []
         dummies: list[tuple[int, int]] = []
         outputs: list[tuple[Slot, int]] = []
-        for seq in range(self.decode_rows):
+        for seq in range(low, high + 1):
             slot = self.slots[seq] if seq < len(self.slots) else None
             if slot is not None and slot in active:
                 outputs.append((slot, len(entries)))
                 entries.append((slot.pending[0], len(slot.cached), seq, True))
-            else:  # an idle or prompting slot, or a spare sequence: a dummy row
+            else:
                 pos = len(slot.cached) if slot is not None else 0
                 entries.append((0, pos, seq, False))
                 dummies.append((seq, pos))
@@ -410,3 +389,4 @@ class InvariantBatchEngine(BatchEngine):
             slot.cached.append(slot.pending[0])
             slot.pending = []
         self._sample_outputs(outputs)
+

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from workers.batching import BatchEngine, InvariantBatchEngine, Request, padded_rows, pieces
+from workers.batching import BatchEngine, InvariantBatchEngine, Request, pieces
 from workers.candidates import top_superset
 from workers.engine import Sampling
 
@@ -66,9 +66,27 @@ def extra_buffers(repack: bool, system_info: bytes) -> bool:
     return repack
 
 
+_kernels: list[bool] = []  # whether this process's first backend was batch-invariant
+
+
+def choose_kernels(invariant: bool) -> None:
+    """An invariant backend needs llama.cpp's CPU matmul to give a row the same arithmetic at
+    any row count, but its tiled K-quant kernel takes over from 8 rows on and rounds unlike
+    the per-row dot products below that: GGML_CPU_TILED_MM=0 turns it off. llama.cpp reads
+    the switch once per process, at its first matmul, so the first backend decides."""
+    if not _kernels:
+        _kernels.append(invariant)
+        if invariant:
+            os.environ["GGML_CPU_TILED_MM"] = "0"
+    elif invariant and not _kernels[0]:
+        log.warning("batch_invariant needs a process of its own: this one already ran "
+                    "llama.cpp's tiled matmul, so tokens may depend on the batch")
+
+
 class LlamaBackend:
-    """One llama.cpp context shared by `n_seq` sequences (a unified KV cache, so sequences can
-    share cells of a common prefix)."""
+    """One llama.cpp context shared by `n_seq` sequences. Unified, its KV cache lets sequences
+    share cells of a common prefix; invariant, every sequence has a KV stream of its own and
+    the kernels compute a row alike whatever else is in the batch (`InvariantBatchEngine`)."""
 
     def __init__(self, path: Path, n_ctx_seq: int, n_seq: int, n_gpu_layers: int,
                  n_threads: int | None, n_batch: int, unified: bool = True,
@@ -76,10 +94,13 @@ class LlamaBackend:
         from llama_cpp import _internals, llama_cpp
 
         self.C = llama_cpp
+        choose_kernels(not unified)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        # CPU weight repacking (faster GEMM kernels)
-        mparams.use_extra_bufts = extra_buffers(repack, llama_cpp.llama_print_system_info())
+        # CPU weight repacking (faster GEMM kernels, but groups of 4 rows round differently
+        # from the rest)
+        mparams.use_extra_bufts = extra_buffers(repack and unified,
+                                                llama_cpp.llama_print_system_info())
         self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
         threads = n_threads or os.cpu_count() or 1
         cparams = llama_cpp.llama_context_default_params()
@@ -88,9 +109,13 @@ class LlamaBackend:
         cparams.n_seq_max = n_seq
         cparams.n_threads = cparams.n_threads_batch = threads
         # Unified: cells can belong to several sequences (shared prefixes). Not unified: one
-        # KV stream per sequence, whose arithmetic no other sequence touches.
+        # KV stream per sequence, its cells in position order whoever else comes and goes
+        # (attention adds them up in cell order); prefixes are copied between streams.
         cparams.kv_unified = unified
-        self.can_share = unified
+        self.unified = unified
+        self.can_share = True
+        if not unified:  # the attention paths InvariantBatchEngine steers around are these
+            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cparams.swa_full = True  # so a sequence can be cut back to a shared prefix
         self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
         self.ctx = self.context.ctx
@@ -177,8 +202,15 @@ class LlamaBackend:
         self.C.llama_memory_seq_rm(self.memory, seq, from_pos, -1)
 
     def share(self, src: int, dst: int, n_tokens: int) -> None:
-        if n_tokens > 0:
+        if n_tokens <= 0:
+            return
+        if self.unified:
             self.C.llama_memory_seq_cp(self.memory, src, dst, 0, n_tokens)
+            return
+        # Across KV streams llama.cpp copies a whole stream (at the next decode), then the
+        # copy is cut back to the prefix.
+        self.C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self.C.llama_memory_seq_rm(self.memory, dst, n_tokens, -1)
 
     def close(self) -> None:
         self.C.llama_batch_free(self.batch)
@@ -191,14 +223,18 @@ class LlamaModel:
 
     def __init__(self, path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
                  max_batch: int = 1, prompt_chunk: int = 128, invariant: bool = False) -> None:
-        # A batch-invariant engine pads decode steps to whole row groups with spare sequences.
-        n_seq = padded_rows(max_batch) if invariant else max_batch
-        n_batch = max(512, prompt_chunk + n_seq)
-        self.backend = LlamaBackend(path, n_ctx, n_seq, n_gpu_layers, n_threads, n_batch,
-                                    unified=not invariant)
+        n_batch = max(512, prompt_chunk + max_batch)
         self.n_ctx = n_ctx
-        engine = InvariantBatchEngine if invariant else BatchEngine
-        self.engine = engine(self.backend, max_batch, n_ctx, n_batch, prompt_chunk)
+        if invariant:  # a spare sequence, so a lone decoding row can have a neighbour
+            n_seq = max(2, max_batch)
+            self.backend = LlamaBackend(path, n_ctx, n_seq, n_gpu_layers, n_threads, n_batch,
+                                        unified=False)
+            self.engine: BatchEngine = InvariantBatchEngine(
+                self.backend, max_batch, n_ctx, n_batch, prompt_chunk, n_seq)
+        else:
+            self.backend = LlamaBackend(path, n_ctx, max_batch, n_gpu_layers, n_threads,
+                                        n_batch)
+            self.engine = BatchEngine(self.backend, max_batch, n_ctx, n_batch, prompt_chunk)
 
     @property
     def batches(self) -> int:

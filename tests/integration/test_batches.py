@@ -37,7 +37,7 @@ def results(stack: Stack, batch_id: str, **params: str) -> list[dict[str, Any]]:
 
 
 def test_a_summary_batch_gives_every_item_the_text_it_gets_alone(stack: Stack) -> None:
-    body = {"kind": "summarize", "model": "exact",
+    body = {"kind": "summarize", "model": "chat",
             "options": {"max_tokens": 12, "temperature": 0, "instructions": "one line"},
             "items": [{"id": f"note-{i}", "text": text} for i, text in enumerate(NOTES)]}
     reply = stack.http.post("/v1/batches", json=body)
@@ -57,7 +57,7 @@ def test_a_summary_batch_gives_every_item_the_text_it_gets_alone(stack: Stack) -
         json.loads(stack.redis.hget(stack.keys.job(in_order[0]["job"]), "request"))[
             "priority"] == 2
     for line, text in zip(in_order, NOTES, strict=True):
-        alone = stack.submit({"kind": "summarize", "model": "exact", "text": text,
+        alone = stack.submit({"kind": "summarize", "model": "chat", "text": text,
                               "max_tokens": 12, "temperature": 0, "instructions": "one line"})
         assert stack.wait_final(alone)["result"]["summary"] == line["result"]["summary"]
     by_completion = results(stack, batch_id, order="completion")
@@ -87,7 +87,7 @@ def test_a_jsonl_upload_of_embeddings_and_its_progress_events(stack: Stack) -> N
 def test_a_failing_item_is_reported_and_retry_requeues_only_it(stack: Stack) -> None:
     long_text = " ".join(f"Point {i}: the committee discussed budget line {i} at length."
                          for i in range(120))
-    body = {"kind": "summarize", "model": "exact", "options": {"max_tokens": 8,
+    body = {"kind": "summarize", "model": "chat", "options": {"max_tokens": 8,
                                                                "timeout_s": 2.0},
             "items": [{"id": "short", "text": NOTES[0]}, {"id": "long", "text": long_text}]}
     batch_id = stack.http.post("/v1/batches", json=body).json()["id"]

@@ -219,7 +219,7 @@ def test_health_ready_and_models_report_the_live_fleet(stack):
     ready = stack.http.get("/ready")
     assert ready.status_code == 200 and ready.json()["missing_workers"] == []
     models = {m["id"]: m for m in stack.http.get("/v1/models").json()["data"]}
-    assert set(models) == {"chat", "summary", "embed", "exact"}
+    assert set(models) == {"chat", "summary", "embed", "fast"}
     assert models["embed"]["kind"] == "embedding" and models["chat"]["n_ctx"] == 1024
     assert all(m["workers"] and m["workers"][0]["gpu"] == "cpu" for m in models.values())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from workers.batching import BatchEngine, Request, Slot, best_donor, pieces, plan_batch
 from workers.engine import Sampling
@@ -53,13 +54,20 @@ def request(tokens, max_new=3, priority=5):
                    priority=priority)
 
 
-def run_together(engine, reqs):
-    """Each request's pieces, joined, keyed by its first prompt token; run on threads."""
+def run_together(engine, reqs, held=None):
+    """Each request's pieces, joined, keyed by its first prompt token; run on threads (with
+    `held`, a FakeBackend, its decodes wait until every request is submitted)."""
     results = {}
     threads = [threading.Thread(target=lambda r=r: results.__setitem__(
         r.tokens[0], b"".join(pieces(engine, r)))) for r in reqs]
+    if held is not None:
+        held.gate.clear()
     for t in threads:
         t.start()
+    if held is not None:
+        while len(engine._waiting) + engine.active() < len(reqs):
+            time.sleep(0.001)
+        held.gate.set()
     for t in threads:
         t.join(5)
     return results
@@ -198,37 +206,61 @@ def rows_per_seq(batch):
     return counts
 
 
-def test_an_invariant_engine_runs_every_step_in_whole_groups_of_four_rows():
-    from workers.batching import InvariantBatchEngine
+def is_decode_step(batch):
+    return set(rows_per_seq(batch).values()) == {1}
 
-    backend = FakeBackend()
-    engine = InvariantBatchEngine(backend, max_batch=3, n_ctx=100, prompt_chunk=3)
+
+def test_an_invariant_engine_decodes_one_run_of_sequences_and_each_prompt_chunk_apart():
+    from workers.batching import FA_TILE_ROWS, InvariantBatchEngine
+
+    backend = FakeBackend(stop_at=10**6)
+    engine = InvariantBatchEngine(backend, max_batch=4, n_ctx=1000, prompt_chunk=128)
     try:
-        reqs = [request([10, 11, 12, 13, 14, 15], max_new=2), request([20], max_new=3)]
-        assert run_together(engine, reqs) == {10: b"<16><17>", 20: b"<21><22><23>"}
-        assert engine.prompt_chunk == 4  # rounded up to a whole group
+        assert engine.prompt_chunk == FA_TILE_ROWS - 1  # from 64 rows attention is tiled
+        long_prompt = list(range(1000, 1100))
+        reqs = [request([10, 11], max_new=8), request([20, 21], max_new=1),
+                request([30, 31], max_new=8), request(long_prompt, max_new=2)]
+        got = run_together(engine, reqs, held=backend)
+        assert got[10] == b"".join(f"<{t}>".encode() for t in range(12, 20))
+        assert got[20] == b"<22>" and got[1000] == b"<1100><1101>"
         for batch in backend.batches:
-            counts = rows_per_seq(batch)
-            assert len(batch) % 4 == 0, batch
-            if set(counts.values()) == {1}:  # a decode step: slots 0.. and the spare seq 3
-                assert sorted(counts) == list(range(len(batch)))
-            else:  # a prompt step: each joining job's chunk, padded to 4 rows
-                assert set(counts.values()) == {4}, batch
-        assert any(seq == 3 for seq, _ in backend.forgot)  # the spare seq's dummy dropped
+            seqs = [seq for *_, seq, _ in batch]
+            if is_decode_step(batch):  # one consecutive run of sequences, one row each
+                assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), batch
+            else:  # a prompt chunk: one sequence, 2 to 63 rows
+                assert len(set(seqs)) == 1 and 2 <= len(batch) < FA_TILE_ROWS, batch
+        # the long prompt went in chunks (within one step's budget of 63 rows, the first
+        # shared with the other prompts), never in one 100-row decode
+        chunks = [len(b) for b in backend.batches if not is_decode_step(b) and b[0][2] == 3]
+        assert len(chunks) == 2 and sum(chunks) == len(long_prompt)
+        # once slot 1's job ended, steps between slots 0 and 2 decoded a dummy there
+        gap_steps = [b for b in backend.batches if is_decode_step(b)
+                     and [(seq, wants) for *_, seq, wants in b][:3] == [(0, True), (1, False),
+                                                                      (2, True)]]
+        assert gap_steps and (1, 2) in backend.forgot  # the dummy at slot 1's next cell
     finally:
         engine.close()
 
 
-def test_an_invariant_engine_pads_decode_steps_past_max_batch_to_a_whole_group():
-    from workers.batching import InvariantBatchEngine
+def test_an_invariant_engine_gives_a_lone_row_a_neighbour_only_past_256_cells():
+    from workers.batching import LONE_ROW_CELLS, InvariantBatchEngine
 
-    backend = FakeBackend()
-    engine = InvariantBatchEngine(backend, max_batch=6, n_ctx=100, prompt_chunk=4)
+    backend = FakeBackend(stop_at=10**6)
+    engine = InvariantBatchEngine(backend, max_batch=1, n_ctx=1000, prompt_chunk=63)
     try:
-        assert run_together(engine, [request([5, 6], max_new=4)]) == {5: b"<7><8><9><10>"}
-        decode_steps = [b for b in backend.batches if set(rows_per_seq(b).values()) == {1}]
-        assert len(decode_steps) == 3
-        assert all([seq for *_, seq, _ in b] == list(range(8)) for b in decode_steps)
-        assert {(6, 0), (7, 0)} <= set(backend.forgot)  # the spare sequences' dummies
+        assert engine.n_seq == 2  # a spare sequence for the neighbour
+        short = request([5, 6], max_new=3)
+        assert run_together(engine, [short]) == {5: b"<7><8><9>"}
+        assert all(len(b) == 1 for b in backend.batches if is_decode_step(b))
+        backend.batches.clear()
+        start = LONE_ROW_CELLS - 2
+        long = request(list(range(2000, 2000 + start)), max_new=4)
+        assert run_together(engine, [long])[2000] == b"".join(
+            f"<{2000 + start + i}>".encode() for i in range(4))
+        decodes = [b for b in backend.batches if is_decode_step(b)]
+        # the prompt's chunks (63 x 4, then 2) give the first token; then the tokens at
+        # positions 254 and 255 decode alone, and the one at 256 beside a dummy of seq 1
+        assert [len(b) for b in decodes] == [1, 1, 2]
+        assert decodes[-1][1] == (0, 0, 1, False) and (1, 0) in backend.forgot
     finally:
         engine.close()

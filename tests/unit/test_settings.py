@@ -72,12 +72,10 @@ def test_up_materialises_each_bundled_model_once_and_leaves_paths_alone(monkeypa
     assert calls == ["bundled:all-minilm-l6-v2", "bundled:gemma3-270m"]
 
 
-def test_a_batch_invariant_model_pads_prompt_steps_to_32_rows_unless_told_otherwise():
-    from broker.settings import INVARIANT_PROMPT_CHUNK, ModelSpec
+def test_llm_models_are_batch_invariant_unless_told_otherwise_and_summary_is_told():
+    from broker.settings import ModelSpec, default_models
 
-    plain = ModelSpec(kind="llm", source="x.gguf")
-    invariant = ModelSpec(kind="llm", source="x.gguf", batch_invariant=True)
-    told = ModelSpec(kind="llm", source="x.gguf", batch_invariant=True, prompt_chunk_tokens=64)
-    assert plain.prompt_chunk() == plain.prompt_chunk_tokens == 128
-    assert invariant.prompt_chunk() == INVARIANT_PROMPT_CHUNK == 32
-    assert told.prompt_chunk() == 64
+    assert ModelSpec(kind="llm", source="x.gguf").batch_invariant is True
+    models = default_models()
+    assert models["chat"].batch_invariant is True
+    assert models["summary"].batch_invariant is False  # prompt-heavy: the fastest kernels
