@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from workers.batching import BatchEngine, Request, Slot, best_donor, pieces, plan_batch
 from workers.engine import Sampling
@@ -54,22 +53,31 @@ def request(tokens, max_new=3, priority=5):
                    priority=priority)
 
 
-def run_together(engine, reqs, held=None):
-    """Each request's pieces, joined, keyed by its first prompt token; run on threads (with
-    `held`, a FakeBackend, its decodes wait until every request is submitted)."""
+def run_together(engine, reqs):
+    """Each request's pieces, joined, keyed by its first prompt token; run on threads."""
     results = {}
     threads = [threading.Thread(target=lambda r=r: results.__setitem__(
         r.tokens[0], b"".join(pieces(engine, r)))) for r in reqs]
-    if held is not None:
-        held.gate.clear()
     for t in threads:
         t.start()
-    if held is not None:
-        while len(engine._waiting) + engine.active() < len(reqs):
-            time.sleep(0.001)
-        held.gate.set()
     for t in threads:
         t.join(5)
+    return results
+
+
+def run_in_order(engine, backend, reqs):
+    """Like run_together, but submitted in this order (so seated in slots 0, 1, ...) while
+    the backend holds its first decode."""
+    backend.gate.clear()
+    for r in reqs:
+        engine.submit(r)
+    backend.gate.set()
+    results = {}
+    for r in reqs:
+        got = []
+        while (item := r.out.get(timeout=5)) is not None:
+            got.append(item)
+        results[r.tokens[0]] = b"".join(got)
     return results
 
 
@@ -220,7 +228,7 @@ def test_an_invariant_engine_decodes_one_run_of_sequences_and_each_prompt_chunk_
         long_prompt = list(range(1000, 1100))
         reqs = [request([10, 11], max_new=8), request([20, 21], max_new=1),
                 request([30, 31], max_new=8), request(long_prompt, max_new=2)]
-        got = run_together(engine, reqs, held=backend)
+        got = run_in_order(engine, backend, reqs)
         assert got[10] == b"".join(f"<{t}>".encode() for t in range(12, 20))
         assert got[20] == b"<22>" and got[1000] == b"<1100><1101>"
         for batch in backend.batches:
