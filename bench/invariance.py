@@ -5,9 +5,10 @@
 One llama.cpp context (the worker's `LlamaBackend`) decodes a greedy job alone, then the same
 job again (forced to the same tokens) beside companion sequences that add rows to every decode
 step. For each row count it prints the first step whose logits are not bit-identical to the
-job's alone, for three backends: `batch_invariant = false` (a unified KV cache and repacked
-weights), the same without repacking, and the invariant backend (a KV stream per sequence, no
-repacking, no tiled K-quant matmul). "none" everywhere is what the invariant one must show.
+job's alone, for three backends: a unified KV cache with repacked weights and llama.cpp's tiled
+K-quant matmul on (`batch_invariant = false` before workers turned the tiled matmul off), the
+same without repacking, and the invariant backend (a KV stream per sequence, no repacking, no
+tiled matmul). "none" everywhere is what the invariant one must show.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import ctypes
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -73,10 +75,11 @@ def first_difference(a: list, b: list) -> str:
     return "none"
 
 
-BACKENDS = {  # name: (unified KV cache, repacked weights), each probed in a process of its own
-    "fast": (True, True),  # batch_invariant = false
-    "fast, no repack": (True, False),
-    "invariant": (False, False),  # batch_invariant = true: also no tiled K-quant matmul
+BACKENDS = {  # name: (unified KV cache, repacked weights, GGML_CPU_TILED_MM), each probed in
+    # a process of its own (llama.cpp reads the tiled-matmul switch once per process)
+    "fast, tiled": (True, True, "1"),  # batch_invariant = false, as before the switch
+    "fast, no repack": (True, False, "1"),
+    "invariant": (False, False, "0"),  # batch_invariant = true
 }
 
 
@@ -84,7 +87,7 @@ def probe(name: str, steps: int) -> list[str]:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
     settings = Settings()
     gguf = resolve(settings.models["chat"].source, settings.cache_dir)
-    unified, repack = BACKENDS[name]
+    unified, repack, _tiled = BACKENDS[name]
     backend = LlamaBackend(gguf, 1024, max(ROWS), 0, None, 512, unified=unified, repack=repack)
     try:
         probe = Probe(backend)
@@ -106,9 +109,10 @@ def main() -> None:
           f"step 0 is the prompt)")
     print(f"{'rows per step':>16} " + " ".join(f"{r:>8}" for r in ROWS[1:]))
     for name in BACKENDS:  # llama.cpp latches its kernel switches once per process
+        env = {**os.environ, "GGML_CPU_TILED_MM": BACKENDS[name][2]}
         out = subprocess.run([sys.executable, "-m", "bench.invariance", "--backend", name,
                               "--steps", str(args.steps)], check=True, capture_output=True,
-                             text=True).stdout
+                             text=True, env=env).stdout
         cells = json.loads(out.strip().splitlines()[-1])
         print(f"{name:>16} " + " ".join(f"{c:>8}" for c in cells))
 

@@ -66,21 +66,19 @@ def extra_buffers(repack: bool, system_info: bytes) -> bool:
     return repack
 
 
-_kernels: list[bool] = []  # whether this process's first backend was batch-invariant
-
-
 def choose_kernels(invariant: bool) -> None:
     """An invariant backend needs llama.cpp's CPU matmul to give a row the same arithmetic at
     any row count, but its tiled K-quant kernel takes over from 8 rows on and rounds unlike
-    the per-row dot products below that: GGML_CPU_TILED_MM=0 turns it off. llama.cpp reads
-    the switch once per process, at its first matmul, so the first backend decides."""
-    if not _kernels:
-        _kernels.append(invariant)
-        if invariant:
-            os.environ["GGML_CPU_TILED_MM"] = "0"
-    elif invariant and not _kernels[0]:
-        log.warning("batch_invariant needs a process of its own: this one already ran "
-                    "llama.cpp's tiled matmul, so tokens may depend on the batch")
+    the per-row dot products below that: GGML_CPU_TILED_MM=0 turns it off. llama.cpp reads the
+    switch once per process, at its first matmul, and a worker can hot-swap from a model
+    without batch invariance to one with it: so every backend runs without the tiled kernel
+    unless the environment says otherwise. It costs a non-invariant model's prompts a little
+    (ad hoc, repacked weights, a 504-token prompt: 743-745 ms with it, 780-835 ms without)."""
+    os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    if invariant and os.environ["GGML_CPU_TILED_MM"] != "0":
+        log.warning("GGML_CPU_TILED_MM=%s: llama.cpp's tiled matmul is on, so this "
+                    "batch_invariant model's tokens may depend on the batch",
+                    os.environ["GGML_CPU_TILED_MM"])
 
 
 class LlamaBackend:

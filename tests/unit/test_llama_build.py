@@ -4,6 +4,7 @@ builds without them, and a build that has them runs without the buffers that rea
 from __future__ import annotations
 
 import logging
+import os
 import platform
 
 import pytest
@@ -35,3 +36,18 @@ def test_the_installed_llama_cpp_has_no_amx_kernels() -> None:
     info = llama_cpp.llama_print_system_info()
     assert b"AVX2 = 1" in info  # native everywhere else
     assert b"AMX_INT8 = 1" not in info
+
+
+def test_every_backend_turns_the_tiled_matmul_off_unless_told_and_says_when_told(
+        monkeypatch, caplog):
+    from workers.llama_model import choose_kernels
+
+    monkeypatch.delenv("GGML_CPU_TILED_MM", raising=False)
+    choose_kernels(invariant=False)  # a fast model first: a later hot-swap may need it off
+    assert os.environ["GGML_CPU_TILED_MM"] == "0"
+    assert not caplog.records
+    monkeypatch.setenv("GGML_CPU_TILED_MM", "1")
+    choose_kernels(invariant=False)
+    assert os.environ["GGML_CPU_TILED_MM"] == "1" and not caplog.records  # told: kept
+    choose_kernels(invariant=True)
+    assert "may depend on the batch" in caplog.text
