@@ -143,6 +143,11 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def sequences(max_batch: int) -> int:
+        """KV sequences the backend needs: one per slot."""
+        return max_batch
+
     def submit(self, request: Request) -> Request:
         with self._lock:
             heapq.heappush(self._waiting, (-request.priority, next(self._order), request))
@@ -332,10 +337,16 @@ class InvariantBatchEngine(BatchEngine):
     """
 
     def __init__(self, backend: Backend, max_batch: int, n_ctx: int, n_batch: int = 512,
-                 prompt_chunk: int = 48, n_seq: int | None = None) -> None:
+                 prompt_chunk: int = 48) -> None:
         super().__init__(backend, max_batch, n_ctx, n_batch,
                          max(2, min(prompt_chunk, FA_TILE_ROWS - 1)))
-        self.n_seq = n_seq or max(2, max_batch)  # sequences the backend has (spares: dummies)
+        self.n_seq = self.sequences(max_batch)
+
+    @staticmethod
+    def sequences(max_batch: int) -> int:
+        """KV sequences the backend needs: one per slot, and a spare so that a lone decoding
+        row always has a neighbour."""
+        return max(2, max_batch)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -368,8 +379,10 @@ class InvariantBatchEngine(BatchEngine):
         seqs = [slot.seq for slot in active]
         low, high = min(seqs), max(seqs)
         if low == high and len(active[0].cached) >= LONE_ROW_CELLS:  # give it a neighbour
-            high = low + 1 if low + 1 < self.n_seq else high
-            low = low - 1 if high == low else low
+            if high + 1 < self.n_seq:
+                high += 1
+            else:
+                low -= 1
         entries: list[tuple[int, int, int, bool]] = []
         dummies: list[tuple[int, int]] = []
         outputs: list[tuple[Slot, int]] = []

@@ -223,16 +223,10 @@ class LlamaModel:
                  max_batch: int = 1, prompt_chunk: int = 128, invariant: bool = False) -> None:
         n_batch = max(512, prompt_chunk + max_batch)
         self.n_ctx = n_ctx
-        if invariant:  # a spare sequence, so a lone decoding row can have a neighbour
-            n_seq = max(2, max_batch)
-            self.backend = LlamaBackend(path, n_ctx, n_seq, n_gpu_layers, n_threads, n_batch,
-                                        unified=False)
-            self.engine: BatchEngine = InvariantBatchEngine(
-                self.backend, max_batch, n_ctx, n_batch, prompt_chunk, n_seq)
-        else:
-            self.backend = LlamaBackend(path, n_ctx, max_batch, n_gpu_layers, n_threads,
-                                        n_batch)
-            self.engine = BatchEngine(self.backend, max_batch, n_ctx, n_batch, prompt_chunk)
+        engine = InvariantBatchEngine if invariant else BatchEngine
+        self.backend = LlamaBackend(path, n_ctx, engine.sequences(max_batch), n_gpu_layers,
+                                    n_threads, n_batch, unified=not invariant)
+        self.engine = engine(self.backend, max_batch, n_ctx, n_batch, prompt_chunk)
 
     @property
     def batches(self) -> int:
