@@ -1,13 +1,13 @@
 """Script calls from many threads sent in shared round trips (group commit).
 
-A generation worker runs one task thread per batched job, and every sampled token is one
-fenced script call (`JobStore.append`). Sent one by one, each call costs a round trip: on the
-2-core reference machine about 100 µs of client CPU, four times what the same call costs inside
-a pipeline (measured: 24 µs each in a pipeline of 8), and that CPU is taken from llama.cpp's
-compute threads. Here whichever thread finds no round trip under way sends every call queued
-so far in one pipeline; the others wait for their own answers. Nothing waits for company: a
-call alone goes at once, and calls that arrive during a round trip go together in the next
-(a batch engine wakes all its jobs' threads at once, so a step's tokens go in about two).
+Every sampled token is one fenced script call (`JobStore.append`). Sent one by one, each call
+costs a round trip: on the 2-core reference machine about 100 µs of client CPU, four times what
+the same call costs inside a pipeline (measured: 24 µs each in a pipeline of 8), and that CPU
+is taken from llama.cpp's compute threads. Calls are queued (`submit`) and whichever thread
+waits for an answer (`wait`) while no round trip is under way sends every call queued so far
+in one pipeline; other waiters wait for their own answers. Nothing waits for company: a call
+alone goes at once (`call`). A batch engine queues the appends of all its jobs' tokens of a
+step from its own thread, then waits once: one round trip a step.
 
 Each call keeps its own answer and its own error, as if sent alone: the scripts are fenced
 per job, so batching them changes no outcome. A pipeline retried after a lost connection
@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError
 
 
 @dataclass(eq=False)
-class _Call:
+class PendingCall:
     script: Script
     keys: list[Any]
     args: list[Any]
@@ -49,14 +49,25 @@ class GroupCommit:
     round_trips: int = 0  # pipelines (or single calls) sent so far
     calls: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
-    _queue: list[_Call] = field(default_factory=list)
+    _queue: list[PendingCall] = field(default_factory=list)
     _busy: bool = False
 
     def call(self, script: Script, keys: list[Any], args: list[Any]) -> Any:
         """The script's reply, or its error raised, as `script(keys=keys, args=args)`."""
-        call = _Call(script, keys, args)
+        return self.wait(self.submit(script, keys, args))
+
+    def submit(self, script: Script, keys: list[Any], args: list[Any]) -> PendingCall:
+        """Queue a call without sending it: it goes with the next round trip, which the next
+        `wait` (or `call`) of any thread sends."""
+        call = PendingCall(script, keys, args)
         with self._cond:
             self._queue.append(call)
+        return call
+
+    def wait(self, call: PendingCall) -> Any:
+        """A submitted call's reply, or its error raised; sends what is queued if no round
+        trip is under way."""
+        with self._cond:
             while not call.done:
                 if self._busy:
                     self._cond.wait()
@@ -73,7 +84,7 @@ class GroupCommit:
             raise call.error
         return call.result
 
-    def _send(self, batch: list[_Call]) -> None:
+    def _send(self, batch: list[PendingCall]) -> None:
         self.round_trips += 1
         self.calls += len(batch)
         try:
@@ -89,7 +100,7 @@ class GroupCommit:
             for call in batch:
                 call.done = True
 
-    def _pipeline(self, batch: list[_Call]) -> None:
+    def _pipeline(self, batch: list[PendingCall]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for call in batch:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)

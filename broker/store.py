@@ -18,7 +18,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
-from broker.groupcommit import GroupCommit
+from broker.groupcommit import GroupCommit, PendingCall
 from broker.keys import Keys
 from broker.messages import (
     Cancelled,
@@ -412,8 +412,15 @@ class JobStore:
         return Started(attempt=int(reply[0]), next_seq=int(reply[1]), deadline=deadline)
 
     def append(self, job_id: str, event: Event, attempt: int, seq: int) -> Appended:
+        return self.appended(self.append_later(job_id, event, attempt, seq))
+
+    def append_later(self, job_id: str, event: Event, attempt: int, seq: int) -> PendingCall:
+        """Queue an append for the next shared round trip (`appended` sends it if need be)."""
         keys, args = self.args.job_keys(job_id), self.args.event(job_id, event)
-        got, flag = self.appends.call(self._append, keys, [*args, attempt, seq])
+        return self.appends.submit(self._append, keys, [*args, attempt, seq])
+
+    def appended(self, pending: PendingCall) -> Appended:
+        got, flag = self.appends.wait(pending)
         return Appended(seq=int(got), cancel_requested=flag == 1, refused=flag == 2)
 
     def finish(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +21,20 @@ class Sampling:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
 
+class Sink(Protocol):
+    """Where a generation's sampled pieces go, in the thread that samples them (a batch
+    engine's: one wakeup per step for all its jobs, not one per token in each job's thread)."""
+
+    def feed(self, piece: bytes) -> bool:
+        """One sampled token's bytes; False: generate no more (a stop, or an error it keeps)."""
+        ...
+
+    def flush(self) -> bool:
+        """After each step that fed it, once every job of the step has sampled: what the step
+        queued goes out now (one round trip for all of them). False: generate no more."""
+        ...
+
+
 class TextModel(Protocol):
     """A llama.cpp-style model: tokens in, one sampled token's bytes out at a time."""
 
@@ -30,9 +44,9 @@ class TextModel(Protocol):
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
-    def generate(self, tokens: list[int], sampling: Sampling) -> Generator[bytes, None, None]:
-        """Evaluate `tokens`, then yield each sampled token's bytes until end of generation;
-        closing the iterator early ends the generation."""
+    def generate(self, tokens: list[int], sampling: Sampling, sink: Sink) -> None:
+        """Evaluate `tokens`, then feed each sampled token's bytes to `sink` (and flush it)
+        until end of generation, `max_tokens`, or the sink says no more; returns then."""
         ...
 
     def close(self) -> None: ...

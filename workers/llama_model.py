@@ -8,16 +8,16 @@ import logging
 import os
 import random
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-from workers.batching import BatchEngine, InvariantBatchEngine, Request, pieces
+from workers.batching import BatchEngine, InvariantBatchEngine, Request, run_to_end
 from workers.candidates import top_superset
-from workers.engine import Sampling
+from workers.engine import Sampling, Sink
 
 log = logging.getLogger("tokenpool.llama")
 
@@ -239,9 +239,9 @@ class LlamaModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.backend.model.detokenize(list(tokens)).decode(errors="replace")
 
-    def generate(self, tokens: list[int], sampling: Sampling) -> Generator[bytes, None, None]:
-        request = Request(tokens=list(tokens), sampling=sampling, max_new=sampling.max_tokens)
-        return pieces(self.engine, request)
+    def generate(self, tokens: list[int], sampling: Sampling, sink: Sink) -> None:
+        run_to_end(self.engine, Request(tokens=list(tokens), sampling=sampling,
+                                        max_new=sampling.max_tokens, sink=sink))
 
     def close(self) -> None:
         self.engine.close()

@@ -10,7 +10,7 @@ from broker.prompts import Prompt, render_generate, render_summary
 from broker.settings import ModelSpec
 from workers.engine import EmbeddingModel, Sampling, TextModel
 from workers.summarize import Budget, map_reduce, summary_instruction
-from workers.textgen import Generation, stream_text
+from workers.textgen import Generation, generate_text
 from workers.writer import EventWriter
 
 CANCEL_CHECK_EVERY = 8  # tokens between cancel checks where no events are written
@@ -57,9 +57,12 @@ def run_generate(
     prompt = render_generate(job, spec.chat_format)
     context, gen = continued(model, prompt_tokens(model, prompt), resume)
     pieces = [resume]
-    for piece in stream_text(model, context, sampling_of(job, prompt.stop), gen):
-        pieces.append(piece)
-        out.token(piece)
+
+    def emit(text: str) -> None:
+        pieces.append(text)
+        out.token_later(text)
+
+    generate_text(model, context, sampling_of(job, prompt.stop), gen, emit, out.settle)
     return Outcome(
         result={"text": "".join(pieces), "finish_reason": gen.finish_reason},
         usage={"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},
@@ -87,12 +90,18 @@ class _SummaryCalls:
         sampling = Sampling(max_tokens=max_tokens, temperature=self.job.temperature,
                             seed=self.job.seed, stop=prompt.stop)
         pieces = [resume]
-        for piece in stream_text(self.model, context, sampling, gen):
-            pieces.append(piece)
+        checked = gen.completion_tokens
+
+        def emit(text: str) -> None:
+            nonlocal checked
+            pieces.append(text)
             if final:
-                self.out.token(piece)
-            elif gen.completion_tokens % CANCEL_CHECK_EVERY == 0:
+                self.out.token_later(text)
+            elif gen.completion_tokens - checked >= CANCEL_CHECK_EVERY:
+                checked = gen.completion_tokens
                 self.out.check_cancel()
+
+        generate_text(self.model, context, sampling, gen, emit, self.out.settle)
         self.usage["prompt_tokens"] += gen.prompt_tokens
         self.usage["completion_tokens"] += gen.completion_tokens
         return "".join(pieces)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import codecs
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from workers.engine import Sampling, TextModel
@@ -51,36 +50,75 @@ class Generation:
     finish_reason: str = "length"
 
 
-def stream_text(
-    model: TextModel, prompt_tokens: list[int], sampling: Sampling, gen: Generation
-) -> Iterator[str]:
-    """Yield non-empty text pieces as tokens are sampled; `gen` records counts and why it ended.
+class TextSink:
+    """The sink of one generation: sampled token bytes to text pieces (UTF-8 across tokens,
+    stop strings, the token budget), each piece to `emit`, `settle` after each step.
+
+    A batch engine calls it in its own thread, so an error here (a cancel, a deadline, the job
+    gone) is kept and the generation stopped; `finish`, back in the job's thread, raises it.
+    """
+
+    def __init__(self, budget: int, sampling: Sampling, gen: Generation,
+                 emit: Callable[[str], None], settle: Callable[[], None]) -> None:
+        self.budget, self.gen, self.emit, self.settle = budget, gen, emit, settle
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopFilter(sampling.stop)
+        self.stopped = False
+        self.error: Exception | None = None
+
+    def feed(self, piece: bytes) -> bool:
+        try:
+            self.gen.completion_tokens += 1
+            text, self.stopped = self.stops.feed(self.decoder.decode(piece))
+            if text:
+                self.emit(text)
+            if self.stopped:
+                return False
+            if self.gen.completion_tokens >= self.budget:
+                self.gen.finish_reason = "length"
+                return False
+            return True
+        except Exception as exc:
+            self.error = exc
+            return False
+
+    def flush(self) -> bool:
+        try:
+            self.settle()
+            return self.error is None
+        except Exception as exc:
+            self.error = exc
+            return False
+
+    def finish(self) -> None:
+        """Once the model returned: raise a kept error, else emit what was held back."""
+        if self.error is not None:
+            raise self.error
+        if not self.stopped:
+            tail, _ = self.stops.feed(self.decoder.decode(b"", final=True))
+            tail += self.stops.flush()
+            if tail:
+                self.emit(tail)
+        self.settle()
+
+
+def generate_text(
+    model: TextModel, prompt_tokens: list[int], sampling: Sampling, gen: Generation,
+    emit: Callable[[str], None], settle: Callable[[], None] = lambda: None,
+) -> None:
+    """Generate, handing non-empty text pieces to `emit` as tokens are sampled (`settle`
+    after each decode step); `gen` records counts and why it ended.
 
     Stops at end of generation, at a stop string (not included), at `max_tokens`, or when the
     context is full. The pieces concatenated are the whole text. A continued generation passes
     the tokens it already produced at the end of `prompt_tokens` and counted in `gen`.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stops = StopFilter(sampling.stop)
     budget = min(sampling.max_tokens,
                  model.n_ctx - len(prompt_tokens) + gen.completion_tokens)
     if gen.completion_tokens >= budget:
         gen.finish_reason = "length"
         return
     gen.finish_reason = "stop"
-    # Closed as soon as we stop reading: a batched model frees the job's slot at once.
-    with contextlib.closing(model.generate(prompt_tokens, sampling)) as sampled:
-        for piece in sampled:
-            gen.completion_tokens += 1
-            text, stopped = stops.feed(decoder.decode(piece))
-            if text:
-                yield text
-            if stopped:
-                return
-            if gen.completion_tokens >= budget:
-                gen.finish_reason = "length"
-                break
-    tail, _ = stops.feed(decoder.decode(b"", final=True))
-    tail += stops.flush()
-    if tail:
-        yield tail
+    sink = TextSink(budget, sampling, gen, emit, settle)
+    model.generate(prompt_tokens, sampling, sink)
+    sink.finish()

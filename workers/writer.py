@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import RedisError
+
+from broker.groupcommit import PendingCall
 from broker.messages import Cancelled, Done, Event, Stage, TokenEvent
 from broker.store import JobStore
 
@@ -40,13 +44,26 @@ class EventWriter:
         self.created_at = created_at
         self.started_at = started_at
         self.first_token_at: float | None = None
+        self._pending: PendingCall | None = None  # an append queued, its answer not yet read
 
     def _append(self, event: Event) -> None:
+        """Queue the event's append; `settle` sends it (with whatever else is queued) and
+        reads its answer. Appended, it takes `next_seq`: the script answers with the seq it was
+        given, and a refused append leaves the attempt nothing more to write."""
+        self.settle()
         self.check_deadline()
-        appended = self.store.append(self.job_id, event, self.attempt, self.next_seq)
+        self._pending = self.store.append_later(self.job_id, event, self.attempt, self.next_seq)
+        self.next_seq += 1
+
+    def settle(self) -> None:
+        """The last queued append's answer: raises if the attempt may write no more or the
+        job's cancel was requested."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        appended = self.store.appended(pending)
         if appended.refused:
             raise JobGone(self.job_id)
-        self.next_seq = appended.seq + 1
         if appended.cancel_requested:
             raise JobCancelled(self.job_id)
 
@@ -55,6 +72,12 @@ class EventWriter:
             raise JobTimedOut(self.job_id)
 
     def token(self, text: str) -> None:
+        self.token_later(text)
+        self.settle()
+
+    def token_later(self, text: str) -> None:
+        """A token event queued, not yet sent: a batch engine settles every job's tokens of a
+        step in one round trip. The answer of the one before is checked first."""
         if self.first_token_at is None:
             self.first_token_at = time.time()
         self._append(TokenEvent(job=self.job_id, text=text))
@@ -63,6 +86,7 @@ class EventWriter:
 
     def stage(self, stage: str, part: int | None, parts: int | None) -> None:
         self._append(Stage(job=self.job_id, stage=stage, part=part, parts=parts))
+        self.settle()
 
     def check_cancel(self) -> None:
         """For stretches that write no events (summary map stages): cancel and deadline."""
@@ -82,7 +106,16 @@ class EventWriter:
             "tokens_per_s": round(rate, 2),
         }
 
+    def _drain(self) -> None:
+        """A final event goes after every token queued before it (whatever their answers:
+        the final write is fenced too)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(RedisError):  # then the final write meets it too
+                self.store.appended(pending)
+
     def succeed(self, result: dict[str, Any], usage: dict[str, int]) -> None:
+        self._drain()
         timings = self.timings(usage.get("completion_tokens", 0))
         done = Done(job=self.job_id, usage=usage, timings=timings)
         self.store.finish(
@@ -91,7 +124,9 @@ class EventWriter:
         )
 
     def cancelled(self) -> None:
+        self._drain()
         self.store.finish(self.job_id, Cancelled(job=self.job_id), "cancelled", self.attempt)
 
     def fail(self, error_type: str, message: str) -> None:
+        self._drain()
         self.store.fail(self.job_id, error_type, message, self.attempt)

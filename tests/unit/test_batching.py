@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import threading
 
-from workers.batching import BatchEngine, Request, Slot, best_donor, pieces, plan_batch
+from workers.batching import (
+    BatchEngine,
+    Request,
+    Slot,
+    best_donor,
+    pieces,
+    plan_batch,
+    run_to_end,
+)
 from workers.engine import Sampling
 
 EOG = 99
@@ -65,13 +73,30 @@ def run_together(engine, reqs):
     return results
 
 
-def run_in_order(engine, backend, reqs):
-    """Like run_together, but submitted in this order (so seated in slots 0, 1, ...) while
-    the backend holds its first decode."""
+def seat_together(engine, backend, submit):
+    """Call `submit` while the engine holds the decode of a one-token request that goes
+    first, so that what it submits is seated at once, in order, in slots 0, 1, ... (the
+    first request's batch is dropped from the log)."""
     backend.gate.clear()
-    for r in reqs:
-        engine.submit(r)
+    first = engine.submit(request([1], max_new=1))
+    while engine.active() == 0:
+        threading.Event().wait(0.01)
+    n = submit()
+    while len(engine._waiting) < n:
+        threading.Event().wait(0.01)
     backend.gate.set()
+    assert first.out.get(timeout=5) == b"<2>" and first.out.get(timeout=5) is None
+    del backend.batches[0]
+
+
+def run_in_order(engine, backend, reqs):
+    """Like run_together, but all seated at once, in this order (slots 0, 1, ...)."""
+    def submit():
+        for r in reqs:
+            engine.submit(r)
+        return len(reqs)
+
+    seat_together(engine, backend, submit)
     results = {}
     for r in reqs:
         got = []
@@ -272,3 +297,75 @@ def test_an_invariant_engine_gives_a_lone_row_a_neighbour_only_past_256_cells():
         assert decodes[-1][1] == (0, 0, 1, False) and (1, 0) in backend.forgot
     finally:
         engine.close()
+
+
+class RecordingSink:
+    """Keeps its pieces; says stop after `stop_after` pieces, or at its `flush_stops`-th flush."""
+
+    def __init__(self, log: list[tuple[str, str, int]], name: str, stop_after: int = 100,
+                 flush_stops: int = 0) -> None:
+        self.log, self.name, self.stop_after, self.flush_stops = log, name, stop_after, flush_stops
+        self.got: list[bytes] = []
+        self.thread = ""
+
+    def feed(self, piece: bytes) -> bool:
+        self.thread = threading.current_thread().name
+        self.got.append(piece)
+        self.log.append(("feed", self.name, len(self.got)))
+        return len(self.got) < self.stop_after
+
+    def flush(self) -> bool:
+        self.log.append(("flush", self.name, len(self.got)))
+        return len(self.got) != self.flush_stops
+
+
+def run_sinks(engine, backend, reqs):
+    """Run the requests (with sinks) on threads, all seated at once."""
+    threads = [threading.Thread(target=run_to_end, args=(engine, r)) for r in reqs]
+
+    def submit():
+        for t in threads:
+            t.start()
+        return len(reqs)
+
+    seat_together(engine, backend, submit)
+    for t in threads:
+        t.join(5)
+        assert not t.is_alive()
+
+
+def test_sinks_take_their_pieces_in_the_engine_thread_and_flush_once_a_step_after_all_sampled():
+    backend, log = FakeBackend(), []
+    engine = BatchEngine(backend, max_batch=4, n_ctx=100)
+    a, b = RecordingSink(log, "a"), RecordingSink(log, "b")
+    try:
+        run_sinks(engine, backend, [
+            Request(tokens=[10], sampling=Sampling(max_tokens=2), max_new=2, sink=a),
+            Request(tokens=[20], sampling=Sampling(max_tokens=2), max_new=2, sink=b)])
+    finally:
+        engine.close()
+    assert a.got == [b"<11>", b"<12>"] and b.got == [b"<21>", b"<22>"]
+    assert a.thread == b.thread == "batch-engine"
+    steps = [sorted(log[i:i + 4]) for i in range(0, len(log), 4)]  # feed, feed, flush, flush
+    assert steps == [[("feed", "a", n), ("feed", "b", n), ("flush", "a", n), ("flush", "b", n)]
+                     for n in (1, 2)]
+    assert [kind for kind, _, _ in log] == ["feed", "feed", "flush", "flush"] * 2
+
+
+def test_a_sink_that_says_stop_at_feed_or_flush_frees_its_slot_at_once():
+    backend, log = FakeBackend(), []
+    engine = BatchEngine(backend, max_batch=4, n_ctx=100)
+    stop_feed = RecordingSink(log, "feed", stop_after=2)
+    stop_flush = RecordingSink(log, "flush", flush_stops=3)
+    runs_on = RecordingSink(log, "on")
+    try:
+        run_sinks(engine, backend, [
+            Request(tokens=[t], sampling=Sampling(max_tokens=6), max_new=6, sink=sink)
+            for t, sink in ((10, stop_feed), (20, stop_flush), (30, runs_on))])
+        assert engine.active() == 0
+    finally:
+        engine.close()
+    assert (len(stop_feed.got), len(stop_flush.got), len(runs_on.got)) == (2, 3, 6)
+    rows = [sorted(seq for _, _, seq, _ in batch) for batch in backend.batches]
+    assert rows == [[0, 1, 2]] * 2 + [[1, 2]] + [[2]] * 3  # each leaves after its last piece
+

@@ -1,7 +1,9 @@
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from workers.engine import Sampling
-from workers.textgen import Generation, StopFilter, stream_text
+import pytest
+
+from workers.engine import Sampling, Sink
+from workers.textgen import Generation, StopFilter, generate_text
 
 
 class ScriptedModel:
@@ -16,17 +18,28 @@ class ScriptedModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return ""
 
-    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[bytes]:
-        yield from self.pieces
+    def generate(self, tokens: list[int], sampling: Sampling, sink: Sink) -> None:
+        self.fed = 0
+        for piece in self.pieces:
+            self.fed += 1
+            if not sink.feed(piece) or not sink.flush():
+                return
 
     def close(self) -> None:
         pass
 
 
+def texts(model: ScriptedModel, context: list[int], sampling: Sampling,
+          gen: Generation) -> list[str]:
+    out: list[str] = []
+    generate_text(model, context, sampling, gen, out.append)
+    return out
+
+
 def run(pieces: list[bytes], stop: tuple[str, ...] = (), max_tokens: int = 50, n_ctx: int = 100):
     gen = Generation(prompt_tokens=3)
-    out = list(stream_text(ScriptedModel(pieces, n_ctx), [0, 1, 2],
-                           Sampling(max_tokens=max_tokens, stop=stop), gen))
+    out = texts(ScriptedModel(pieces, n_ctx), [0, 1, 2], Sampling(max_tokens=max_tokens, stop=stop),
+                gen)
     return out, gen
 
 
@@ -78,7 +91,7 @@ def test_a_continued_generation_counts_its_earlier_tokens_against_max_tokens():
     model = ScriptedModel([b" c", b" d", b" e", b" f"])
     context, gen = continued(model, [0, 1, 2], "a b")  # two tokens published before a crash
     assert context == [0, 1, 2, 0, 1] and gen.completion_tokens == 2
-    out = list(stream_text(model, context, Sampling(max_tokens=4), gen))
+    out = texts(model, context, Sampling(max_tokens=4), gen)
     assert out == [" c", " d"] and gen.completion_tokens == 4 and gen.finish_reason == "length"
 
 
@@ -87,5 +100,48 @@ def test_a_continuation_that_already_reached_max_tokens_samples_nothing():
 
     model = ScriptedModel([b" never"])
     context, gen = continued(model, [0, 1, 2], "a b c")
-    assert list(stream_text(model, context, Sampling(max_tokens=3), gen)) == []
+    assert texts(model, context, Sampling(max_tokens=3), gen) == []
     assert gen.finish_reason == "length" and gen.completion_tokens == 3
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_an_error_in_the_sampling_thread_stops_generation_and_is_raised_by_the_caller():
+    model = ScriptedModel([b"a", b"b", b"c", b"d"])
+    emitted: list[str] = []
+
+    def emit(text: str) -> None:
+        if len(emitted) == 2:
+            raise Cancelled("cancel requested")
+        emitted.append(text)
+
+    with pytest.raises(Cancelled, match="cancel requested"):
+        generate_text(model, [0], Sampling(max_tokens=10), Generation(prompt_tokens=1), emit)
+    assert emitted == ["a", "b"] and model.fed == 3
+
+
+def test_settle_runs_after_every_step_and_its_error_stops_generation():
+    model = ScriptedModel([b"a", b"b", b"c", b"d"])
+    emitted: list[str] = []
+    settled = []
+
+    def settle() -> None:
+        settled.append(len(emitted))
+        if len(settled) == 2:
+            raise Cancelled("job gone")
+
+    with pytest.raises(Cancelled, match="job gone"):
+        generate_text(model, [0], Sampling(max_tokens=10), Generation(prompt_tokens=1),
+                      emitted.append, settle)
+    assert settled == [1, 2] and emitted == ["a", "b"] and model.fed == 2
+
+
+def test_the_last_text_is_settled_before_generation_returns():
+    model = ScriptedModel([b"a", "☃".encode()[:2]])  # a cut character: emitted at the end
+    emitted: list[str] = []
+    settled = []
+    generate_text(model, [0], Sampling(max_tokens=10), Generation(prompt_tokens=1),
+                  emitted.append, lambda: settled.append(list(emitted)))
+    assert emitted == ["a", "\ufffd"] and settled[-1] == ["a", "\ufffd"]
