@@ -5,10 +5,12 @@
 One llama.cpp context (the worker's `LlamaBackend`) decodes a greedy job alone, then the same
 job again (forced to the same tokens) beside companion sequences that add rows to every decode
 step. For each row count it prints the first step whose logits are not bit-identical to the
-job's alone, for three backends: a unified KV cache with repacked weights and llama.cpp's tiled
-K-quant matmul on (`batch_invariant = false` before workers turned the tiled matmul off), the
-same without repacking, and the invariant backend (a KV stream per sequence, no repacking, no
-tiled matmul). "none" everywhere is what the invariant one must show.
+job's alone, with the job's prompt decoded on its own and then (a shorter prompt) in one decode
+with the companions' prompts, as many rows from each, as the invariant engine joins prompts.
+Three backends: a unified KV cache with repacked weights and llama.cpp's tiled K-quant matmul
+on (`batch_invariant = false` before workers turned the tiled matmul off), the same without
+repacking, and the invariant backend (a KV stream per sequence, no repacking, no tiled
+matmul). "none" everywhere is what the invariant one must show.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ from broker.sources import resolve
 from workers.llama_model import LlamaBackend
 
 PROMPT = "Question: why is the sky blue? Answer in detail.\nAnswer:"
-COMPANION = "The history of the Roman empire " * 4
+SHORT_PROMPT = "Why is the sky blue?"  # 7 tokens: 8 such prompts fit in one prompt decode
+COMPANION = "The history of the Roman empire " * 8
 ROWS = (1, 2, 4, 8, 16)
+PROMPT_ROWS = 63  # the most rows of prompts the invariant engine decodes at once
 
 
 class Probe:
-    def __init__(self, backend: LlamaBackend) -> None:
+    def __init__(self, backend: LlamaBackend, prompt: str = PROMPT) -> None:
         self.be = backend
-        self.prompt = list(backend.model.tokenize(PROMPT.encode(), True, False))
-        self.companion = list(backend.model.tokenize(COMPANION.encode(), True, False))[:20]
+        self.prompt = list(backend.model.tokenize(prompt.encode(), True, False))
+        self.companion = list(backend.model.tokenize(COMPANION.encode(), True, False))[:40]
 
     def logits(self, index: int) -> np.ndarray:
         from llama_cpp import llama_cpp
@@ -45,22 +49,30 @@ class Probe:
         return np.ctypeslib.as_array(ctypes.cast(row, ctypes.POINTER(ctypes.c_float)),
                                      shape=(self.be.n_vocab,)).copy()
 
-    def run(self, rows: int, steps: int, forced: list[int] | None) -> tuple[list[int], list]:
-        """The job's argmax tokens and logits per step, decoded beside `rows - 1` others."""
+    def run(self, rows: int, steps: int, forced: list[int] | None,
+            joined: bool = False) -> tuple[list[int], list]:
+        """The job's argmax tokens and logits per step, decoded beside `rows - 1` others;
+        `joined`: the job's prompt in one decode with theirs, as many rows from each."""
         for seq in range(max(ROWS)):
             self.be.forget(seq, 0)
-        positions = {}
-        for seq in range(1, rows):
-            self.be.decode([(t, i, seq, False) for i, t in enumerate(self.companion)])
-            positions[seq] = len(self.companion)
         n = len(self.prompt)
-        self.be.decode([(t, i, 0, i == n - 1) for i, t in enumerate(self.prompt)])
+        companion = self.companion[:n] if joined else self.companion
+        positions = {}
+        prompts = [(t, i, 0, i == n - 1) for i, t in enumerate(self.prompt)]
+        for seq in range(1, rows):
+            chunk = [(t, i, seq, False) for i, t in enumerate(companion)]
+            if joined:
+                prompts += chunk
+            else:
+                self.be.decode(chunk)
+            positions[seq] = len(companion)
+        self.be.decode(prompts)
         logits = [self.logits(n - 1)]
         tokens = [int(np.argmax(logits[0]))]
         for step in range(steps):
             token = forced[step] if forced else tokens[-1]
             entries = [(token, n + step, 0, True)]
-            entries += [(self.companion[-1], pos, seq, False) for seq, pos in positions.items()]
+            entries += [(companion[-1], pos, seq, False) for seq, pos in positions.items()]
             self.be.decode(entries)
             positions = {seq: pos + 1 for seq, pos in positions.items()}
             logits.append(self.logits(0))
@@ -92,7 +104,12 @@ def probe(name: str, steps: int) -> list[str]:
     try:
         probe = Probe(backend)
         alone, base = probe.run(1, steps, None)
-        return [first_difference(base, probe.run(rows, steps, alone)[1]) for rows in ROWS[1:]]
+        beside = [first_difference(base, probe.run(rows, steps, alone)[1]) for rows in ROWS[1:]]
+        short = Probe(backend, SHORT_PROMPT)
+        alone, base = short.run(1, steps, None)
+        joined = [first_difference(base, short.run(rows, steps, alone, joined=True)[1])
+                  if rows * len(short.prompt) <= PROMPT_ROWS else "-" for rows in ROWS[1:]]
+        return beside + joined
     finally:
         backend.close()
 
@@ -106,15 +123,18 @@ def main() -> None:
         print(json.dumps(probe(args.backend, args.steps)))
         return
     print(f"first step whose logits differ from the job alone ({args.steps} decode steps; "
-          f"step 0 is the prompt)")
-    print(f"{'rows per step':>16} " + " ".join(f"{r:>8}" for r in ROWS[1:]))
+          f"step 0 is the prompt); its prompt decoded alone | in one decode with the others' "
+          f"prompts, as many rows each (- : over {PROMPT_ROWS} rows)")
+    columns = " ".join(f"{r:>8}" for r in ROWS[1:])
+    print(f"{'rows per step':>16} {columns} | {columns}")
     for name in BACKENDS:  # llama.cpp latches its kernel switches once per process
         env = {**os.environ, "GGML_CPU_TILED_MM": BACKENDS[name][2]}
         out = subprocess.run([sys.executable, "-m", "bench.invariance", "--backend", name,
                               "--steps", str(args.steps)], check=True, capture_output=True,
                              text=True, env=env).stdout
-        cells = json.loads(out.strip().splitlines()[-1])
-        print(f"{name:>16} " + " ".join(f"{c:>8}" for c in cells))
+        cells = [f"{c:>8}" for c in json.loads(out.strip().splitlines()[-1])]
+        half = len(ROWS) - 1
+        print(f"{name:>16} {' '.join(cells[:half])} | {' '.join(cells[half:])}")
 
 
 if __name__ == "__main__":

@@ -342,6 +342,17 @@ def pieces(engine: BatchEngine, request: Request) -> Generator[bytes, None, None
         engine._wake.set()
 
 
+def consecutive_runs(slots: list[Slot]) -> list[list[Slot]]:
+    """Slots (in seq order) grouped into runs of consecutive sequence ids."""
+    runs: list[list[Slot]] = []
+    for slot in slots:
+        if runs and runs[-1][-1].seq + 1 == slot.seq:
+            runs[-1].append(slot)
+        else:
+            runs.append([slot])
+    return runs
+
+
 def run_to_end(engine: BatchEngine, request: Request) -> None:
     """Run a request whose pieces go to its sink; returns when it ends, raises its error."""
     assert request.sink is not None
@@ -370,8 +381,9 @@ class InvariantBatchEngine(BatchEngine):
       decoding one (a gap, an idle or prompting slot, decodes a dummy token that is dropped
       again), and never a lone row past `LONE_ROW_CELLS` (that would take llama.cpp's
       split-KV attention): such a decoder gets a dummy neighbour;
-    - a prompt chunk is a decode of its own, of 2 to `FA_TILE_ROWS - 1` rows (from 64 rows
-      llama.cpp tiles the attention).
+    - prompt chunks are decodes apart from the decode step, each of one run of consecutive
+      sequences with as many rows from each, 2 to `FA_TILE_ROWS - 1` rows in all (from 64
+      rows llama.cpp tiles the attention).
 
     Shared prefixes are copied between KV streams (`share`), not recomputed.
     """
@@ -407,13 +419,20 @@ class InvariantBatchEngine(BatchEngine):
         self._deliver()
 
     def _prompt_steps(self, active: list[Slot]) -> None:
+        """Prompt chunks within the step's budget: a decode for each run of consecutive
+        prompting sequences, as many rows from each (llama.cpp cuts a batch of several KV
+        streams into parts of equal rows per stream), as many of the run as whole chunks of
+        the shortest fit; a lone sequence takes all it can."""
         budget = self.prompt_chunk
-        for slot in active:
+        for run in consecutive_runs(active):
             if budget < 2:
                 return
-            take = min(len(slot.pending), budget)  # >= 2: one pending token is a decoder's
-            budget -= take
-            self._step([(slot, take)])
+            per = min(min(len(slot.pending) for slot in run), budget)  # >= 2: one pending
+            run = run[:budget // per]  # token is a decoder's
+            if len(run) == 1:
+                per = min(len(run[0].pending), budget)
+            budget -= per * len(run)
+            self._step([(slot, per) for slot in run])
 
     def _decode_step(self, active: list[Slot]) -> None:
         seqs = [slot.seq for slot in active]

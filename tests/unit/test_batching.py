@@ -243,7 +243,7 @@ def is_decode_step(batch):
     return set(rows_per_seq(batch).values()) == {1}
 
 
-def test_an_invariant_engine_decodes_one_run_of_sequences_and_each_prompt_chunk_apart():
+def test_an_invariant_engine_decodes_one_run_of_sequences_and_prompt_chunks_apart():
     from workers.batching import FA_TILE_ROWS, InvariantBatchEngine
 
     backend = FakeBackend(stop_at=10**6)
@@ -260,12 +260,17 @@ def test_an_invariant_engine_decodes_one_run_of_sequences_and_each_prompt_chunk_
             seqs = [seq for *_, seq, _ in batch]
             if is_decode_step(batch):  # one consecutive run of sequences, one row each
                 assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), batch
-            else:  # a prompt chunk: one sequence, 2 to 63 rows
-                assert len(set(seqs)) == 1 and 2 <= len(batch) < FA_TILE_ROWS, batch
-        # the long prompt went in chunks (within one step's budget of 63 rows, the first
-        # shared with the other prompts), never in one 100-row decode
-        chunks = [len(b) for b in backend.batches if not is_decode_step(b) and b[0][2] == 3]
-        assert len(chunks) == 2 and sum(chunks) == len(long_prompt)
+            else:  # prompt chunks: a consecutive run of sequences, as many rows from each,
+                # 2 to 63 rows in all
+                rows = rows_per_seq(batch)
+                assert sorted(rows) == list(range(min(rows), max(rows) + 1)), batch
+                assert len(set(rows.values())) == 1 and 2 <= len(batch) < FA_TILE_ROWS, batch
+        prompts = [rows_per_seq(b) for b in backend.batches if not is_decode_step(b)]
+        # the four prompts joined together: one decode, the shortest prompt's 2 rows from each
+        assert prompts[0] == {0: 2, 1: 2, 2: 2, 3: 2}
+        # the rest of the long prompt went in chunks within the step's budget of 63 rows,
+        # never in one 98-row decode
+        assert [p[3] for p in prompts[1:]] == [63, 35]
         # once slot 1's job ended, steps between slots 0 and 2 decoded a dummy there
         gap_steps = [b for b in backend.batches if is_decode_step(b)
                      and [(seq, wants) for *_, seq, wants in b][:3] == [(0, True), (1, False),
@@ -369,3 +374,21 @@ def test_a_sink_that_says_stop_at_feed_or_flush_frees_its_slot_at_once():
     rows = [sorted(seq for _, _, seq, _ in batch) for batch in backend.batches]
     assert rows == [[0, 1, 2]] * 2 + [[1, 2]] + [[2]] * 3  # each leaves after its last piece
 
+
+def test_prompts_of_a_run_go_as_many_whole_chunks_as_fit_and_a_gap_splits_the_run():
+    from workers.batching import InvariantBatchEngine, consecutive_runs
+
+    slots = [Slot(seq) for seq in (0, 1, 2, 4, 5, 7)]
+    assert [[s.seq for s in run] for run in consecutive_runs(slots)] == [[0, 1, 2], [4, 5], [7]]
+    backend = FakeBackend(stop_at=10**6)
+    engine = InvariantBatchEngine(backend, max_batch=6, n_ctx=1000, prompt_chunk=63)
+    try:
+        reqs = [request(range(100 * i, 100 * i + 12), max_new=2) for i in range(1, 7)]
+        got = run_in_order(engine, backend, reqs)
+        assert got == {100 * i: f"<{100 * i + 12}><{100 * i + 13}>".encode()
+                       for i in range(1, 7)}
+        prompts = [rows_per_seq(b) for b in backend.batches if not is_decode_step(b)]
+        # 63 rows hold five whole 12-token prompts; the sixth goes in the next step
+        assert prompts == [{seq: 12 for seq in range(5)}, {5: 12}]
+    finally:
+        engine.close()
