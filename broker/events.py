@@ -187,13 +187,17 @@ class StreamHub:
             try:
                 reply = cast(XReadReply, await self.client.xread(
                     streams, count=READ_COUNT, block=READER_BLOCK_MS))
-            except redis_errors.RedisError as exc:
-                self._down_since = self._down_since or time.monotonic()
-                log.debug("shared event reader: %s", exc)
-                await asyncio.sleep(RECONNECT_PAUSE_S)
-                continue
-            except Exception:  # never leave followers without a reader
-                log.exception("shared event reader failed; reading again")
+            except Exception as exc:  # never leave followers without a reader
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # redis-py can answer a cancel in the middle of a read with its own
+                    # TimeoutError: the reader must stop all the same (else `close` waits)
+                    raise asyncio.CancelledError from exc
+                if isinstance(exc, redis_errors.RedisError):
+                    self._down_since = self._down_since or time.monotonic()
+                    log.debug("shared event reader: %s", exc)
+                else:
+                    log.exception("shared event reader failed; reading again")
                 await asyncio.sleep(RECONNECT_PAUSE_S)
                 continue
             self._down_since = None
