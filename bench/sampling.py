@@ -25,12 +25,22 @@ from workers.engine import Sampling
 from workers.llama_model import LlamaBackend
 
 
+class Unfed:
+    """The sink of a request whose rows are sampled directly, never run by an engine."""
+
+    def feed(self, piece: bytes) -> bool:
+        raise AssertionError("sampled directly: nothing feeds this request")
+
+    def flush(self) -> bool:
+        raise AssertionError("sampled directly: nothing feeds this request")
+
+
 def time_rows(backend: LlamaBackend, rows: list[int], seed: int, shortcut: bool) -> tuple[
         float, list[int]]:
     """µs per row, and the tokens picked, sampling every row once with fresh chains."""
     backend.shortcut = shortcut
     sampling = Sampling(max_tokens=1, seed=seed, **SAMPLING)
-    requests = [Request(tokens=[], sampling=sampling, max_new=1) for _ in rows]
+    requests = [Request(tokens=[], sampling=sampling, max_new=1, sink=Unfed()) for _ in rows]
     for request in requests:  # chains are made when a job is seated, not per token
         request.sampler = backend.sampler_for(sampling)
     started = time.perf_counter()

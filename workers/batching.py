@@ -3,9 +3,9 @@
 The worker's task threads (one per Celery slot, `max_batch` of them) each submit a request and
 wait for its end; one engine thread owns the model and loops:
 
-1. free the slots of requests that were cancelled or closed, and seat waiting requests (most
-   urgent first) in free slots, reusing the longest cached prefix any slot holds (a slot's own
-   leftovers, or another slot's by sharing its KV cells: system prompts, summary instructions);
+1. seat waiting requests (most urgent first) in free slots, reusing the longest cached prefix
+   any slot holds (a slot's own leftovers, or another slot's by sharing its KV cells: system
+   prompts, summary instructions);
 2. plan one batch: one token for every decoding sequence first, then prompt chunks of joining
    sequences up to `prompt_chunk_tokens`, so a long prompt never stalls the others for long;
 3. one `llama_decode` for the whole batch, then each finished prompt or decoding sequence
@@ -13,12 +13,13 @@ wait for its end; one engine thread owns the model and loops:
 
 A job's sampled pieces go to its request's sink (`Sink`: the job's text and event writer), in
 the engine thread: each sink queues its token's Redis append, and once every sequence of the
-step has sampled, the first sink's flush sends all of the step's appends in one round trip.
-Handing each piece to its job's task thread instead cost a thread wakeup per token: measured
-with `python -m bench.roundtrips`, 131 µs of client CPU per token, against 22 µs this way,
-CPU that a CPU host takes from llama.cpp's compute threads. A request without a sink gets its
-pieces through its queue, from an outbox handed out just before the next decode (a task thread
-woken in the middle of sampling would take the GIL between the engine's llama.cpp calls).
+step has sampled, the first sink's flush sends all of the step's appends in one round trip; a
+sink that says stop (a stop string, a cancel) frees its slot at once. Handing each piece to
+its job's task thread instead cost a thread wakeup per token: measured with `python -m
+bench.roundtrips`, 131 µs of client CPU per token, against 22 µs this way, CPU that a CPU host
+takes from llama.cpp's compute threads. A request's end (or error) reaches its task thread from
+an outbox handed out just before the next decode (a task thread woken in the middle of sampling
+would take the GIL between the engine's llama.cpp calls).
 
 `InvariantBatchEngine` (a model's `batch_invariant`, the default) keeps each step to shapes
 whose arithmetic per row does not depend on the other rows, so a job's tokens do not depend on
@@ -33,7 +34,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,7 +42,7 @@ from workers.engine import Sampling, Sink
 
 log = logging.getLogger("tokenpool.batching")
 
-END = None  # what a request's queue yields after its last piece
+END = None  # what a request's queue gets when it ends without an error
 SHARED_PREFIX_MIN = 32  # tokens of a coming shared prefix worth waiting for
 
 
@@ -74,10 +75,9 @@ class Request:
     tokens: list[int]  # the whole prompt (a continued job: prompt + its published tokens)
     sampling: Sampling
     max_new: int  # tokens it may still sample
+    sink: Sink  # takes the sampled pieces, in the engine thread
     priority: int = 5
-    out: queue.SimpleQueue[bytes | Exception | None] = field(default_factory=queue.SimpleQueue)
-    closed: threading.Event = field(default_factory=threading.Event)
-    sink: Sink | None = None  # takes the pieces in the engine thread; else they go to `out`
+    out: queue.SimpleQueue[Exception | None] = field(default_factory=queue.SimpleQueue)  # end
     sampler: object | None = None  # the backend's sampler chain, made when seated
     sampled: int = 0
     reused: int = 0  # prompt tokens found in the cache
@@ -143,8 +143,7 @@ class BatchEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.steps = 0
-        self._outbox: list[tuple[queue.SimpleQueue[bytes | Exception | None],
-                                 bytes | Exception | None]] = []
+        self._outbox: list[tuple[queue.SimpleQueue[Exception | None], Exception | None]] = []
         self._fed: list[tuple[Slot, Request]] = []  # sinks fed this step, to flush
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
@@ -172,7 +171,6 @@ class BatchEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._release_closed()
             self._seat_waiting()
             plan = plan_batch(self.slots, self.n_batch, self.prompt_chunk)
             if not plan:
@@ -185,7 +183,7 @@ class BatchEngine:
         self._deliver()
 
     def _idle(self) -> None:
-        """Nothing to decode: hand out what the last step produced, then wait for work."""
+        """Nothing to decode: hand out the last step's ends, then wait for work."""
         self._deliver()
         self._wake.wait(0.05)
         self._wake.clear()
@@ -197,7 +195,7 @@ class BatchEngine:
         self._deliver()
 
     def _deliver(self) -> None:
-        """Hand the step's sampled pieces (and ends) to their task threads, in order."""
+        """Hand the step's ends (and errors) to their task threads."""
         outbox, self._outbox = self._outbox, []
         for out, item in outbox:
             out.put(item)
@@ -207,23 +205,15 @@ class BatchEngine:
         self.backend.decode(entries)
         self.steps += 1
 
-    def _release_closed(self) -> None:
-        for slot in self.slots:
-            if slot.request is not None and slot.request.closed.is_set():
-                self._finish(slot, None)
-
     def _seat_waiting(self) -> None:
         deferred = []
         with self._lock:
             while self._waiting and any(s.request is None for s in self.slots):
                 entry = heapq.heappop(self._waiting)
-                request = entry[2]
-                if request.closed.is_set():
-                    request.out.put(END)
-                elif self._prefix_coming(request):
+                if self._prefix_coming(entry[2]):
                     deferred.append(entry)
                 else:
-                    self._seat(request)
+                    self._seat(entry[2])
             for entry in deferred:
                 heapq.heappush(self._waiting, entry)
 
@@ -282,7 +272,6 @@ class BatchEngine:
     def _flush_sinks(self) -> None:
         fed, self._fed = self._fed, []
         for slot, request in fed:
-            assert request.sink is not None
             error: Exception | None = None
             try:
                 more = request.sink.flush()
@@ -299,19 +288,15 @@ class BatchEngine:
         if self.backend.is_eog(token):
             self._finish(slot, None)
             return
-        piece = self.backend.piece(token)
-        if request.sink is None:
-            self._outbox.append((request.out, piece))
-        else:
-            self._fed.append((slot, request))
-            try:
-                more = request.sink.feed(piece)
-            except Exception as exc:  # a sink keeps its own errors; this is a bug in one
-                self._finish(slot, exc)
-                return
-            if not more:
-                self._finish(slot, None)
-                return
+        self._fed.append((slot, request))
+        try:
+            more = request.sink.feed(self.backend.piece(token))
+        except Exception as exc:  # a sink keeps its own errors; this is a bug in one
+            self._finish(slot, exc)
+            return
+        if not more:
+            self._finish(slot, None)
+            return
         if request.sampled >= request.max_new or len(slot.cached) + 1 >= self.n_ctx:
             self._finish(slot, None)
             return
@@ -326,22 +311,6 @@ class BatchEngine:
         slot.request = None
 
 
-def pieces(engine: BatchEngine, request: Request) -> Generator[bytes, None, None]:
-    """A request's sampled pieces as they come; closing the iterator cancels the request."""
-    engine.submit(request)
-    try:
-        while True:
-            item = request.out.get()
-            if item is END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        request.closed.set()
-        engine._wake.set()
-
-
 def consecutive_runs(slots: list[Slot]) -> list[list[Slot]]:
     """Slots (in seq order) grouped into runs of consecutive sequence ids."""
     runs: list[list[Slot]] = []
@@ -354,8 +323,7 @@ def consecutive_runs(slots: list[Slot]) -> list[list[Slot]]:
 
 
 def run_to_end(engine: BatchEngine, request: Request) -> None:
-    """Run a request whose pieces go to its sink; returns when it ends, raises its error."""
-    assert request.sink is not None
+    """Run a request (its pieces go to its sink); returns when it ends, raises its error."""
     engine.submit(request)
     end = request.out.get()
     if isinstance(end, Exception):
@@ -402,7 +370,6 @@ class InvariantBatchEngine(BatchEngine):
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._release_closed()
             self._seat_waiting()
             decoding = [s for s in self.slots if s.request is not None and len(s.pending) == 1]
             prompting = [s for s in self.slots if s.request is not None and len(s.pending) > 1]
@@ -461,4 +428,3 @@ class InvariantBatchEngine(BatchEngine):
             slot.cached.append(slot.pending[0])
             slot.pending = []
         self._sample_outputs(outputs)
-

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 import workers.llama_model as llama_model
+from bench.sampling import Unfed
 from broker.settings import Settings
 from broker.sources import resolve
 from workers.batching import Request
@@ -45,7 +46,7 @@ def generate(backend: LlamaBackend, sampling: Sampling, shortcut: bool) -> list[
     backend.shortcut = shortcut
     prompts = [list(backend.model.tokenize(p.encode(), True, False)) for p in PROMPTS]
     requests = [Request(tokens=t, sampling=dataclasses.replace(sampling, seed=11 + s),
-                        max_new=STEPS) for s, t in enumerate(prompts)]
+                        max_new=STEPS, sink=Unfed()) for s, t in enumerate(prompts)]
     for seq in range(len(prompts)):
         backend.forget(seq, 0)
     entries = [(tok, i, seq, i == len(t) - 1) for seq, t in enumerate(prompts)

@@ -9,7 +9,6 @@ from workers.batching import (
     Request,
     Slot,
     best_donor,
-    pieces,
     plan_batch,
     run_to_end,
 )
@@ -56,16 +55,37 @@ class FakeBackend:
         self.shared.append((src, dst, n_tokens))
 
 
-def request(tokens, max_new=3, priority=5):
+class Collect:
+    """A sink that keeps its pieces; says stop after `stop_after` of them."""
+
+    def __init__(self, stop_after: int = 10**6) -> None:
+        self.got: list[bytes] = []
+        self.stop_after = stop_after
+
+    def feed(self, piece: bytes) -> bool:
+        self.got.append(piece)
+        return len(self.got) < self.stop_after
+
+    def flush(self) -> bool:
+        return True
+
+
+def request(tokens, max_new=3, priority=5, stop_after=10**6):
     return Request(tokens=list(tokens), sampling=Sampling(max_tokens=max_new), max_new=max_new,
-                   priority=priority)
+                   sink=Collect(stop_after), priority=priority)
+
+
+def run(engine, r):
+    """Run the request to its end; its pieces, joined."""
+    run_to_end(engine, r)
+    return b"".join(r.sink.got)
 
 
 def run_together(engine, reqs):
     """Each request's pieces, joined, keyed by its first prompt token; run on threads."""
     results = {}
     threads = [threading.Thread(target=lambda r=r: results.__setitem__(
-        r.tokens[0], b"".join(pieces(engine, r)))) for r in reqs]
+        r.tokens[0], run(engine, r))) for r in reqs]
     for t in threads:
         t.start()
     for t in threads:
@@ -85,7 +105,7 @@ def seat_together(engine, backend, submit):
     while len(engine._waiting) < n:
         threading.Event().wait(0.01)
     backend.gate.set()
-    assert first.out.get(timeout=5) == b"<2>" and first.out.get(timeout=5) is None
+    assert first.out.get(timeout=5) is None and first.sink.got == [b"<2>"]
     del backend.batches[0]
 
 
@@ -99,10 +119,8 @@ def run_in_order(engine, backend, reqs):
     seat_together(engine, backend, submit)
     results = {}
     for r in reqs:
-        got = []
-        while (item := r.out.get(timeout=5)) is not None:
-            got.append(item)
-        results[r.tokens[0]] = b"".join(got)
+        assert r.out.get(timeout=5) is None
+        results[r.tokens[0]] = b"".join(r.sink.got)
     return results
 
 
@@ -126,7 +144,7 @@ def test_each_request_gets_its_own_tokens_from_shared_steps():
     backend = FakeBackend()
     engine = BatchEngine(backend, max_batch=4, n_ctx=100)
     try:
-        assert b"".join(pieces(engine, request([10], max_new=3))) == b"<11><12><13>"
+        assert run(engine, request([10], max_new=3)) == b"<11><12><13>"
         reqs = [request([10 * i], max_new=3) for i in (2, 3, 4)]
         assert run_together(engine, reqs) == {
             20: b"<21><22><23>", 30: b"<31><32><33>", 40: b"<41><42><43>"}
@@ -134,9 +152,9 @@ def test_each_request_gets_its_own_tokens_from_shared_steps():
         engine.close()
 
 
-def test_a_steps_pieces_reach_their_readers_after_all_its_sampling_before_the_next_decode():
+def test_a_steps_ends_reach_their_threads_after_all_its_sampling_before_the_next_decode():
     class Watching(FakeBackend):
-        """Counts what the readers have been handed at every decode and every sample."""
+        """Counts the ends handed to the task threads at every decode and every sample."""
 
         def __init__(self):
             super().__init__()
@@ -157,12 +175,14 @@ def test_a_steps_pieces_reach_their_readers_after_all_its_sampling_before_the_ne
     backend.gate.clear()  # all four are seated before the first decode
     engine = BatchEngine(backend, max_batch=4, n_ctx=100)
     try:
-        backend.reqs = [engine.submit(request([10 * i], max_new=3)) for i in range(1, 5)]
+        backend.reqs = [engine.submit(request([10 * i], max_new=n))
+                        for i, n in enumerate((1, 2, 3, 3), start=1)]
         backend.gate.set()
-        for r in backend.reqs:  # nobody reads while the engine runs: queues only fill
-            got = [r.out.get(timeout=5) for _ in range(4)]
-            assert got[-1] is None and all(got[:3])
-        assert backend.at_decode == [0, 4, 8]  # one step's four pieces each time
+        while engine.active() or engine._waiting:  # nobody reads while the engine runs
+            threading.Event().wait(0.01)
+        for r, n in zip(backend.reqs, (1, 2, 3, 3), strict=True):
+            assert r.out.get(timeout=5) is None and len(r.sink.got) == n
+        assert backend.at_decode == [0, 1, 2]  # the ends of the step before, each time
         for step, handed in backend.at_sample:  # nothing handed out mid-sampling
             assert handed == backend.at_decode[step - 1]
     finally:
@@ -174,9 +194,9 @@ def test_a_shared_prompt_prefix_is_copied_from_the_slot_that_holds_it():
     engine = BatchEngine(backend, max_batch=2, n_ctx=100)
     try:
         system = list(range(50, 80))
-        assert b"".join(pieces(engine, request([*system, 1], max_new=1)))
+        assert run(engine, request([*system, 1], max_new=1))
         second = request([*system, 2], max_new=1)
-        b"".join(pieces(engine, second))
+        run(engine, second)
         assert second.reused == len(system)  # the slot's own leftovers, no recompute
         decoded = [e for batch in backend.batches[-1:] for e in batch]
         assert [token for token, *_ in decoded] == [2]
@@ -184,14 +204,12 @@ def test_a_shared_prompt_prefix_is_copied_from_the_slot_that_holds_it():
         engine.close()
 
 
-def test_closing_the_stream_frees_the_slot_for_the_next_request():
+def test_a_sink_that_says_stop_frees_the_slot_for_the_next_request():
     backend = FakeBackend()
     engine = BatchEngine(backend, max_batch=1, n_ctx=100)
     try:
-        stream = pieces(engine, request([1], max_new=50))
-        assert next(stream) == b"<2>"
-        stream.close()  # cancelled after one piece
-        assert b"".join(pieces(engine, request([5], max_new=2))) == b"<6><7>"
+        assert run(engine, request([1], max_new=50, stop_after=1)) == b"<2>"  # cancelled
+        assert run(engine, request([5], max_new=2)) == b"<6><7>"
     finally:
         engine.close()
 
@@ -206,8 +224,7 @@ def test_the_most_urgent_waiting_request_is_seated_first():
         high = engine.submit(request([200], max_new=1, priority=9))
         backend.gate.set()
         for r in (running, low, high):
-            while r.out.get(timeout=5) is not None:
-                pass
+            assert r.out.get(timeout=5) is None
         order = [batch[0][0] for batch in backend.batches]
         assert order.index(200) < order.index(100)
     finally:
@@ -223,8 +240,7 @@ def test_a_request_waits_for_a_long_prefix_another_slot_is_still_decoding():
         engine.submit(first)
         engine.submit(second)
         for r in (first, second):
-            while r.out.get(timeout=5) is not None:
-                pass
+            assert r.out.get(timeout=5) is None
         assert second.reused == len(system)  # shared, not computed twice
         decoded = sum(len(batch) for batch in backend.batches)
         assert decoded == len(system) + 2  # the shared prefix once, then each tail token
