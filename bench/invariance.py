@@ -33,7 +33,7 @@ PROMPT = "Question: why is the sky blue? Answer in detail.\nAnswer:"
 SHORT_PROMPT = "Why is the sky blue?"  # 7 tokens: 8 such prompts fit in one prompt decode
 COMPANION = "The history of the Roman empire " * 8
 ROWS = (1, 2, 4, 8, 16)
-PROMPT_ROWS = 63  # the most rows of prompts the invariant engine decodes at once
+PROMPT_ROWS = 128  # the most prompt rows the invariant engine decodes in a step (by default)
 
 
 class Probe:

@@ -48,8 +48,8 @@ class ModelSpec(BaseModel):
         "together; embedding: jobs gathered into one encode)"
     )
     prompt_chunk_tokens: int = Field(
-        128, ge=8, le=4096, description="llm: prompt tokens a joining job adds to one step "
-        "(batch-invariant: one prompt decode, at most 63)"
+        128, ge=8, le=4096, description="llm: prompt tokens joining jobs add to one step "
+        "(batch-invariant: in decodes of at most 63 from each job)"
     )
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="embedding: how long to gather jobs for one encode"

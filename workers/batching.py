@@ -205,8 +205,9 @@ class BatchEngine:
         self.backend.decode(entries)
         self.steps += 1
 
-    def _seat_waiting(self) -> None:
-        deferred = []
+    def _seat_waiting(self) -> int:
+        """Seat waiting requests in free slots, most urgent first; how many were seated."""
+        deferred, seated = [], 0
         with self._lock:
             while self._waiting and any(s.request is None for s in self.slots):
                 entry = heapq.heappop(self._waiting)
@@ -214,8 +215,10 @@ class BatchEngine:
                     deferred.append(entry)
                 else:
                     self._seat(entry[2])
+                    seated += 1
             for entry in deferred:
                 heapq.heappush(self._waiting, entry)
+        return seated
 
     def _prefix_coming(self, request: Request) -> bool:
         """Another slot is still decoding a prompt that shares a long prefix with this one:
@@ -350,16 +353,17 @@ class InvariantBatchEngine(BatchEngine):
       again), and never a lone row past `LONE_ROW_CELLS` (that would take llama.cpp's
       split-KV attention): such a decoder gets a dummy neighbour;
     - prompt chunks are decodes apart from the decode step, each of one run of consecutive
-      sequences with as many rows from each, 2 to `FA_TILE_ROWS - 1` rows in all (from 64
-      rows llama.cpp tiles the attention).
+      sequences with as many rows from each, 2 to `FA_TILE_ROWS - 1` rows per sequence (from
+      64 rows of one sequence llama.cpp tiles the attention), `prompt_chunk` rows in all per
+      step. They go before the step's decode, which the jobs whose prompts they finish then
+      join at once (as llama-server puts prompts and decoding rows in one batch).
 
     Shared prefixes are copied between KV streams (`share`), not recomputed.
     """
 
     def __init__(self, backend: Backend, max_batch: int, n_ctx: int, n_batch: int = 512,
-                 prompt_chunk: int = 48) -> None:
-        super().__init__(backend, max_batch, n_ctx, n_batch,
-                         max(2, min(prompt_chunk, FA_TILE_ROWS - 1)))
+                 prompt_chunk: int = 128) -> None:
+        super().__init__(backend, max_batch, n_ctx, n_batch, max(2, prompt_chunk))
         self.n_seq = self.sequences(max_batch)
 
     @staticmethod
@@ -371,35 +375,46 @@ class InvariantBatchEngine(BatchEngine):
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._seat_waiting()
-            decoding = [s for s in self.slots if s.request is not None and len(s.pending) == 1]
-            prompting = [s for s in self.slots if s.request is not None and len(s.pending) > 1]
-            if not decoding and not prompting:
-                self._idle()
-                continue
-            for step, active in ((self._decode_step, decoding), (self._prompt_steps, prompting)):
-                if not active:
-                    continue
+            budget, prompted = self.prompt_chunk, False
+            while budget >= 2:  # jobs seated while prompts decode join this step's budget
+                prompting = [s for s in self.slots
+                             if s.request is not None and len(s.pending) > 1]
+                if not prompting:
+                    break
+                prompted = True
                 try:
-                    step(active)
+                    budget = self._prompt_steps(prompting, budget)
                 except Exception as exc:
-                    self._fail(active, exc)
+                    self._fail(prompting, exc)
+                    break
+                if not self._seat_waiting():
+                    break
+            decoding = [s for s in self.slots if s.request is not None and len(s.pending) == 1]
+            if decoding:
+                try:
+                    self._decode_step(decoding)
+                except Exception as exc:
+                    self._fail(decoding, exc)
+            elif not prompted:
+                self._idle()
         self._deliver()
 
-    def _prompt_steps(self, active: list[Slot]) -> None:
+    def _prompt_steps(self, active: list[Slot], budget: int) -> int:
         """Prompt chunks within the step's budget: a decode for each run of consecutive
         prompting sequences, as many rows from each (llama.cpp cuts a batch of several KV
         streams into parts of equal rows per stream), as many of the run as whole chunks of
-        the shortest fit; a lone sequence takes all it can."""
-        budget = self.prompt_chunk
+        the shortest fit; a lone sequence takes all it can. Returns the budget left."""
         for run in consecutive_runs(active):
             if budget < 2:
-                return
-            per = min(min(len(slot.pending) for slot in run), budget)  # >= 2: one pending
+                break
+            most = min(budget, FA_TILE_ROWS - 1)
+            per = min(min(len(slot.pending) for slot in run), most)  # >= 2: one pending
             run = run[:budget // per]  # token is a decoder's
             if len(run) == 1:
-                per = min(len(run[0].pending), budget)
+                per = min(len(run[0].pending), most)
             budget -= per * len(run)
             self._step([(slot, per) for slot in run])
+        return budget
 
     def _decode_step(self, active: list[Slot]) -> None:
         seqs = [slot.seq for slot in active]

@@ -124,6 +124,15 @@ def run_in_order(engine, backend, reqs):
     return results
 
 
+def invariant_engine(max_batch, prompt_chunk=128):
+    """An InvariantBatchEngine on a fake backend that never reaches EOG."""
+    from workers.batching import InvariantBatchEngine
+
+    backend = FakeBackend(stop_at=10**6)
+    return backend, InvariantBatchEngine(backend, max_batch=max_batch, n_ctx=1000,
+                                         prompt_chunk=prompt_chunk)
+
+
 def test_decoding_sequences_go_first_and_prompts_share_a_chunk_budget():
     decoding = [Slot(i, request=request([1]), pending=[7]) for i in range(3)]
     joining = Slot(3, request=request(range(300)), pending=list(range(300)))
@@ -260,12 +269,11 @@ def is_decode_step(batch):
 
 
 def test_an_invariant_engine_decodes_one_run_of_sequences_and_prompt_chunks_apart():
-    from workers.batching import FA_TILE_ROWS, InvariantBatchEngine
+    from workers.batching import FA_TILE_ROWS
 
-    backend = FakeBackend(stop_at=10**6)
-    engine = InvariantBatchEngine(backend, max_batch=4, n_ctx=1000, prompt_chunk=128)
+    backend, engine = invariant_engine(4, 128)
     try:
-        assert engine.prompt_chunk == FA_TILE_ROWS - 1  # from 64 rows attention is tiled
+        assert engine.prompt_chunk == 128  # rows of prompts a step may decode in all
         long_prompt = list(range(1000, 1100))
         reqs = [request([10, 11], max_new=8), request([20, 21], max_new=1),
                 request([30, 31], max_new=8), request(long_prompt, max_new=2)]
@@ -277,15 +285,16 @@ def test_an_invariant_engine_decodes_one_run_of_sequences_and_prompt_chunks_apar
             if is_decode_step(batch):  # one consecutive run of sequences, one row each
                 assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), batch
             else:  # prompt chunks: a consecutive run of sequences, as many rows from each,
-                # 2 to 63 rows in all
+                # at most 63 (from 64 rows of one sequence attention is tiled), 128 in all
                 rows = rows_per_seq(batch)
                 assert sorted(rows) == list(range(min(rows), max(rows) + 1)), batch
-                assert len(set(rows.values())) == 1 and 2 <= len(batch) < FA_TILE_ROWS, batch
+                assert len(set(rows.values())) == 1 and 2 <= len(batch) <= 128, batch
+                assert max(rows.values()) < FA_TILE_ROWS, batch
         prompts = [rows_per_seq(b) for b in backend.batches if not is_decode_step(b)]
         # the four prompts joined together: one decode, the shortest prompt's 2 rows from each
         assert prompts[0] == {0: 2, 1: 2, 2: 2, 3: 2}
-        # the rest of the long prompt went in chunks within the step's budget of 63 rows,
-        # never in one 98-row decode
+        # the rest of the long prompt went in chunks of at most 63 rows, never in one
+        # 98-row decode
         assert [p[3] for p in prompts[1:]] == [63, 35]
         # once slot 1's job ended, steps between slots 0 and 2 decoded a dummy there
         gap_steps = [b for b in backend.batches if is_decode_step(b)
@@ -297,10 +306,9 @@ def test_an_invariant_engine_decodes_one_run_of_sequences_and_prompt_chunks_apar
 
 
 def test_an_invariant_engine_gives_a_lone_row_a_neighbour_only_past_256_cells():
-    from workers.batching import LONE_ROW_CELLS, InvariantBatchEngine
+    from workers.batching import LONE_ROW_CELLS
 
-    backend = FakeBackend(stop_at=10**6)
-    engine = InvariantBatchEngine(backend, max_batch=1, n_ctx=1000, prompt_chunk=63)
+    backend, engine = invariant_engine(1, 63)
     try:
         assert engine.n_seq == 2  # a spare sequence for the neighbour
         short = request([5, 6], max_new=3)
@@ -406,5 +414,45 @@ def test_prompts_of_a_run_go_as_many_whole_chunks_as_fit_and_a_gap_splits_the_ru
         prompts = [rows_per_seq(b) for b in backend.batches if not is_decode_step(b)]
         # 63 rows hold five whole 12-token prompts; the sixth goes in the next step
         assert prompts == [{seq: 12 for seq in range(5)}, {5: 12}]
+    finally:
+        engine.close()
+
+
+def test_an_invariant_engine_joins_prompts_past_63_rows_and_decodes_them_in_the_same_step():
+    backend, engine = invariant_engine(8, 128)
+    try:
+        reqs = [request(range(100 * i, 100 * i + 15), max_new=3) for i in range(1, 9)]
+        got = run_in_order(engine, backend, reqs)
+        assert got == {100 * i: b"".join(f"<{100 * i + t}>".encode() for t in (15, 16, 17))
+                       for i in range(1, 9)}
+        # eight 15-token prompts: 120 rows, 15 from each sequence, in one decode; then, in
+        # the same step, the decode of every sequence whose prompt it finished
+        assert rows_per_seq(backend.batches[0]) == {seq: 15 for seq in range(8)}
+        assert is_decode_step(backend.batches[1])
+        assert [seq for *_, seq, _ in backend.batches[1]] == list(range(8))
+        assert len(backend.batches) == 3  # the prompts' decode, then two decode steps
+    finally:
+        engine.close()
+
+
+def test_jobs_seated_while_a_prompt_decodes_have_theirs_decoded_before_the_decode_step():
+    backend, engine = invariant_engine(4, 128)
+    try:
+        backend.gate.clear()  # the first job's prompt decode holds until the others wait
+        first = engine.submit(request(range(100, 110), max_new=2))
+        while engine.active() == 0:
+            threading.Event().wait(0.01)
+        rest = [engine.submit(request(range(t, t + 10), max_new=2)) for t in (200, 300)]
+        while len(engine._waiting) < 2:
+            threading.Event().wait(0.01)
+        backend.gate.set()
+        for r in (first, *rest):
+            assert r.out.get(timeout=5) is None
+        assert [r.sink.got for r in (first, *rest)] == [
+            [f"<{t + 10}>".encode(), f"<{t + 11}>".encode()] for t in (100, 200, 300)]
+        # its prompt, then theirs joined (in the same step's budget), then one decode step
+        # for all three: their first tokens did not wait for a decode step of its own
+        assert [rows_per_seq(b) for b in backend.batches[:2]] == [{0: 10}, {1: 10, 2: 10}]
+        assert [seq for *_, seq, _ in backend.batches[2]] == [0, 1, 2]
     finally:
         engine.close()
