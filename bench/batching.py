@@ -46,7 +46,6 @@ SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
 SUBJECTS = ["a lighthouse", "a fox", "the sea", "a train", "a garden", "a robot", "winter",
             "a market", "the moon", "a violin", "a storm", "a library", "a bridge", "a kite",
             "a baker", "a river"]
-PROMPTS = [f"Story {i}. Once upon a time, {s} " for i, s in enumerate(SUBJECTS * 2)]
 
 
 def fresh_prompts(round_: int) -> list[str]:
@@ -54,6 +53,9 @@ def fresh_prompts(round_: int) -> list[str]:
     job finds its prompt cached from an earlier round, here or in llama-server."""
     return [f"Story {100 * round_ + i}. Once upon a time, {s} "
             for i, s in enumerate(SUBJECTS * 2)]
+
+
+PROMPTS = fresh_prompts(0)
 PREAMBLE = " ".join(f"Rule {i}: answer briefly and kindly, in plain words." for i in range(40))
 MAX_BATCH = 16
 N_CTX = 1024

@@ -109,10 +109,8 @@ class EventWriter:
     def _drain(self) -> None:
         """A final event goes after every token queued before it (whatever their answers:
         the final write is fenced too)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            with contextlib.suppress(RedisError):  # then the final write meets it too
-                self.store.appended(pending)
+        with contextlib.suppress(RedisError, JobGone, JobCancelled):
+            self.settle()
 
     def succeed(self, result: dict[str, Any], usage: dict[str, int]) -> None:
         self._drain()
