@@ -7,10 +7,12 @@ job again (forced to the same tokens) beside companion sequences that add rows t
 step. For each row count it prints the first step whose logits are not bit-identical to the
 job's alone, with the job's prompt decoded on its own and then (a shorter prompt) in one decode
 with the companions' prompts, as many rows from each, as the invariant engine joins prompts.
-Three backends: a unified KV cache with repacked weights and llama.cpp's tiled K-quant matmul
+Four backends: a unified KV cache with repacked weights and llama.cpp's tiled K-quant matmul
 on (`batch_invariant = false` before workers turned the tiled matmul off), the same without
-repacking, and the invariant backend (a KV stream per sequence, no repacking, no tiled
-matmul). "none" everywhere is what the invariant one must show.
+repacking, the invariant backend (a KV stream per sequence, no repacking, no tiled matmul),
+and the same with its prefill context (`fast_prefill`: prompts decoded on repacked weights,
+each sequence's rows padded to whole groups of 4, the cells then copied over, the first
+token's logits from there). "none" everywhere is what the invariant ones must show.
 """
 
 from __future__ import annotations
@@ -42,10 +44,27 @@ class Probe:
         self.prompt = list(backend.model.tokenize(prompt.encode(), True, False))
         self.companion = list(backend.model.tokenize(COMPANION.encode(), True, False))[:40]
 
+    def prompt_decode(self, entries: list[tuple[int, int, int, bool]]) -> int:
+        """Decode prompt rows as the engine does; the batch index of the row with logits."""
+        if not self.be.prefill_rows:
+            self.be.decode(entries)
+            return next((i for i, e in enumerate(entries) if e[3]), -1)
+        padded: list[tuple[int, int, int, bool]] = []
+        ends = {}
+        for seq in dict.fromkeys(e[2] for e in entries):
+            rows = [e for e in entries if e[2] == seq]
+            ends[seq] = rows[-1][1] + 1
+            padded += rows + [(rows[-1][0], ends[seq] + i, seq, False)
+                              for i in range(-len(rows) % self.be.prefill_rows)]
+        self.be.prefill(padded)
+        for seq, end in ends.items():
+            self.be.from_prefill(seq, end)
+        return next((i for i, e in enumerate(padded) if e[3]), -1)
+
     def logits(self, index: int) -> np.ndarray:
         from llama_cpp import llama_cpp
 
-        row = llama_cpp.llama_get_logits_ith(self.be.ctx, index)
+        row = llama_cpp.llama_get_logits_ith(self.be.logits_ctx, index)
         return np.ctypeslib.as_array(ctypes.cast(row, ctypes.POINTER(ctypes.c_float)),
                                      shape=(self.be.n_vocab,)).copy()
 
@@ -55,6 +74,8 @@ class Probe:
         `joined`: the job's prompt in one decode with theirs, as many rows from each."""
         for seq in range(max(ROWS)):
             self.be.forget(seq, 0)
+            if self.be.prefill_rows:
+                self.be.forget_prefill(seq, 0)
         n = len(self.prompt)
         companion = self.companion[:n] if joined else self.companion
         positions = {}
@@ -64,10 +85,9 @@ class Probe:
             if joined:
                 prompts += chunk
             else:
-                self.be.decode(chunk)
+                self.prompt_decode(chunk)
             positions[seq] = len(companion)
-        self.be.decode(prompts)
-        logits = [self.logits(n - 1)]
+        logits = [self.logits(self.prompt_decode(prompts))]
         tokens = [int(np.argmax(logits[0]))]
         for step in range(steps):
             token = forced[step] if forced else tokens[-1]
@@ -87,11 +107,13 @@ def first_difference(a: list, b: list) -> str:
     return "none"
 
 
-BACKENDS = {  # name: (unified KV cache, repacked weights, GGML_CPU_TILED_MM), each probed in
-    # a process of its own (llama.cpp reads the tiled-matmul switch once per process)
-    "fast, tiled": (True, True, "1"),  # batch_invariant = false, as before the switch
-    "fast, no repack": (True, False, "1"),
-    "invariant": (False, False, "0"),  # batch_invariant = true
+BACKENDS = {  # name: (unified KV cache, repacked weights, GGML_CPU_TILED_MM, prefill
+    # context), each probed in a process of its own (llama.cpp reads the tiled-matmul switch
+    # once per process)
+    "fast, tiled": (True, True, "1", False),  # batch_invariant = false, as before the switch
+    "fast, no repack": (True, False, "1", False),
+    "invariant": (False, False, "0", False),  # batch_invariant = true, fast_prefill = false
+    "inv., prefill": (False, False, "0", True),  # batch_invariant = true (the default)
 }
 
 
@@ -99,8 +121,9 @@ def probe(name: str, steps: int) -> list[str]:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
     settings = Settings()
     gguf = resolve(settings.models["chat"].source, settings.cache_dir)
-    unified, repack, _tiled = BACKENDS[name]
-    backend = LlamaBackend(gguf, 1024, max(ROWS), 0, None, 512, unified=unified, repack=repack)
+    unified, repack, _tiled, prefill = BACKENDS[name]
+    backend = LlamaBackend(gguf, 1024, max(ROWS), 0, None, 512, unified=unified, repack=repack,
+                           prefill_batch=PROMPT_ROWS if prefill else 0)
     try:
         probe = Probe(backend)
         alone, base = probe.run(1, steps, None)

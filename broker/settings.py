@@ -63,6 +63,12 @@ class ModelSpec(BaseModel):
         "(CPU; off: a unified KV cache and llama.cpp's fastest kernels, whose rounding changes "
         "with the batch)"
     )
+    fast_prefill: bool = Field(
+        True, description="llm, batch-invariant on the CPU: prompts run in a second llama.cpp "
+        "context on repacked weights (llama.cpp's faster prompt kernels), whole groups of 4 "
+        "rows per job, and their cells are copied over (more memory: the repacked weights, "
+        "its KV cache)"
+    )
 
 
 def default_models() -> dict[str, ModelSpec]:

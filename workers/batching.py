@@ -34,7 +34,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,6 +69,25 @@ class Backend(Protocol):
         """Make `dst` hold `src`'s first `n_tokens` cells (no recompute)."""
         ...
 
+    # A prefill context (`InvariantBatchEngine` only; `prefill_rows` 0: none): a second
+    # context whose faster kernels compute every prompt row, in whole groups of
+    # `prefill_rows` rows per sequence, and whose cells are then copied to the main one.
+    prefill_rows: int
+
+    def prefill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """Decode entries in the prefill context (`sample` then reads its logits)."""
+        ...
+
+    def to_prefill(self, seq: int) -> None:
+        """Make the prefill context's `seq` hold the main context's cells of `seq`."""
+        ...
+
+    def forget_prefill(self, seq: int, from_pos: int) -> None: ...
+
+    def from_prefill(self, seq: int, n_tokens: int) -> None:
+        """Make the main context's `seq` hold the prefill context's first `n_tokens` cells."""
+        ...
+
 
 @dataclass(eq=False)
 class Request:
@@ -89,6 +108,12 @@ class Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose cells this seq holds
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # tokens still to decode
+    # With a prefill context (InvariantBatchEngine): prompt tokens decoded there, not yet
+    # copied here; how many of `cached` it holds; how many of `cached` were computed there
+    # (prompt tokens: sampled ones were decoded here).
+    prefilled: list[int] = field(default_factory=list)
+    mirrored: int = 0
+    prompted: int = 0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -99,14 +124,21 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def best_donor(slots: Sequence[Slot], target: Slot, tokens: Sequence[int]) -> tuple[Slot, int]:
+def best_donor(slots: Sequence[Slot], target: Slot, tokens: Sequence[int], keep: int = 1,
+               reusable: Callable[[Slot], int] | None = None) -> tuple[Slot, int]:
     """The slot whose cached tokens share the longest prefix with `tokens` (the target's own
-    cache wins ties: it needs no copy). At least one prompt token is always left to decode,
-    since its logits give the first sampled token."""
-    limit = len(tokens) - 1
-    best, best_n = target, min(common_prefix(target.cached, tokens), limit)
+    cache wins ties: it needs no copy). At least `keep` prompt tokens are always left to
+    decode (one: its logits give the first sampled token); `reusable` says how many of a
+    slot's cached tokens may be taken (all of them by default)."""
+    limit = max(0, len(tokens) - keep)
+
+    def reuse(slot: Slot) -> int:
+        cached = slot.cached if reusable is None else slot.cached[:reusable(slot)]
+        return min(common_prefix(cached, tokens), limit)
+
+    best, best_n = target, reuse(target)
     for slot in slots:
-        n = min(common_prefix(slot.cached, tokens), limit)
+        n = reuse(slot)
         if n > best_n:
             best, best_n = slot, n
     return best, best_n
@@ -200,9 +232,9 @@ class BatchEngine:
         for out, item in outbox:
             out.put(item)
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+    def _decode(self, entries: list[tuple[int, int, int, bool]], prefill: bool = False) -> None:
         self._deliver()  # the task threads run while llama.cpp computes, GIL released
-        self.backend.decode(entries)
+        (self.backend.prefill if prefill else self.backend.decode)(entries)
         self.steps += 1
 
     def _seat_waiting(self) -> int:
@@ -229,7 +261,7 @@ class BatchEngine:
             if slot.request is None or not slot.pending:
                 continue
             cached = common_prefix(slot.cached, request.tokens)
-            planned = common_prefix(slot.cached + slot.pending, request.tokens)
+            planned = common_prefix(slot.cached + slot.prefilled + slot.pending, request.tokens)
             if planned >= SHARED_PREFIX_MIN and planned > cached:
                 return True
         return False
@@ -239,17 +271,24 @@ class BatchEngine:
         # Prefer a free slot whose own cache matches best, then any donor's cells.
         target = max(free, key=lambda s: common_prefix(s.cached, request.tokens))
         donors = self.slots if self.backend.can_share else [target]
-        donor, n = best_donor(donors, target, request.tokens)
+        donor, n = self._donor(donors, target, request.tokens)
         if donor is target:
             self.backend.forget(target.seq, n)
+            target.mirrored = min(target.mirrored, n)
         else:
             self.backend.forget(target.seq, 0)
             self.backend.share(donor.seq, target.seq, n)
+            target.mirrored = 0
         target.cached = list(request.tokens[:n])
+        target.prompted = n
         target.pending = list(request.tokens[n:])
         target.request = request
         request.reused = n
         request.sampler = None
+
+    def _donor(self, slots: Sequence[Slot], target: Slot,
+               tokens: Sequence[int]) -> tuple[Slot, int]:
+        return best_donor(slots, target, tokens)
 
     def _step(self, plan: list[tuple[Slot, int]]) -> None:
         entries: list[tuple[int, int, int, bool]] = []
@@ -310,6 +349,7 @@ class BatchEngine:
         if request is None:
             return
         slot.pending = []  # tokens never decoded are not in the cache
+        slot.prefilled = []  # nor those the prefill context holds, never copied here
         self._outbox.append((request.out, error if error is not None else END))
         slot.request = None
 
@@ -323,6 +363,11 @@ def consecutive_runs(slots: list[Slot]) -> list[list[Slot]]:
         else:
             runs.append([slot])
     return runs
+
+
+def whole(n: int, rows: int) -> int:
+    """`n` rounded up to whole groups of `rows` (0: as it is)."""
+    return -(-n // rows) * rows if rows else n
 
 
 def run_to_end(engine: BatchEngine, request: Request) -> None:
@@ -359,6 +404,17 @@ class InvariantBatchEngine(BatchEngine):
       join at once (as llama-server puts prompts and decoding rows in one batch).
 
     Shared prefixes are copied between KV streams (`share`), not recomputed.
+
+    With a prefill context (`backend.prefill_rows`, 4 on the CPU): a second llama.cpp context
+    on the same weights repacked (the kernels llama-server's prompts run on) computes every
+    prompt token, and only those. Repacked weights multiply whole groups of 4 rows with one
+    kernel and the rows left over with another, so each job's chunk is a whole number of
+    groups: a prompt's last chunk is padded with dummy rows past its end, dropped again, and
+    its last row's logits give the first token there. The cells are then copied to the main
+    context, which decodes the sampled tokens. A prompt token's cell is thus the same
+    whoever else prompts beside it, and a reused prefix is reused only as far as prompt
+    tokens go (a sampled token's cell, from the main context, would differ from what a
+    prompt computes), with at least two tokens left to prefill.
     """
 
     def __init__(self, backend: Backend, max_batch: int, n_ctx: int, n_batch: int = 512,
@@ -377,8 +433,8 @@ class InvariantBatchEngine(BatchEngine):
             self._seat_waiting()
             budget, prompted = self.prompt_chunk, False
             while budget >= 2:  # jobs seated while prompts decode join this step's budget
-                prompting = [s for s in self.slots
-                             if s.request is not None and len(s.pending) > 1]
+                prompting = [s for s in self.slots if s.request is not None
+                             and (len(s.pending) > 1 or s.prefilled)]
                 if not prompting:
                     break
                 prompted = True
@@ -389,7 +445,8 @@ class InvariantBatchEngine(BatchEngine):
                     break
                 if not self._seat_waiting():
                     break
-            decoding = [s for s in self.slots if s.request is not None and len(s.pending) == 1]
+            decoding = [s for s in self.slots if s.request is not None
+                        and len(s.pending) == 1 and not s.prefilled]
             if decoding:
                 try:
                     self._decode_step(decoding)
@@ -399,22 +456,61 @@ class InvariantBatchEngine(BatchEngine):
                 self._idle()
         self._deliver()
 
+    def _donor(self, slots: Sequence[Slot], target: Slot,
+               tokens: Sequence[int]) -> tuple[Slot, int]:
+        if not self.backend.prefill_rows:
+            return best_donor(slots, target, tokens)
+        return best_donor(slots, target, tokens, keep=2, reusable=lambda slot: slot.prompted)
+
     def _prompt_steps(self, active: list[Slot], budget: int) -> int:
         """Prompt chunks within the step's budget: a decode for each run of consecutive
         prompting sequences, as many rows from each (llama.cpp cuts a batch of several KV
         streams into parts of equal rows per stream), as many of the run as whole chunks of
-        the shortest fit; a lone sequence takes all it can. Returns the budget left."""
+        the shortest fit; a lone sequence takes all it can; with a prefill context, in whole
+        groups of its rows. Returns the budget left."""
+        rows = self.backend.prefill_rows
         for run in consecutive_runs(active):
-            if budget < 2:
-                break
             most = min(budget, FA_TILE_ROWS - 1)
-            per = min(min(len(slot.pending) for slot in run), most)  # >= 2: one pending
-            run = run[:budget // per]  # token is a decoder's
+            most -= most % rows if rows else 0
+            if most < max(2, rows):
+                break
+            per = min(whole(min(len(slot.pending) for slot in run), rows), most)  # >= 2: one
+            run = run[:budget // per]  # pending token is a decoder's
             if len(run) == 1:
-                per = min(len(run[0].pending), most)
+                per = min(whole(len(run[0].pending), rows), most)
             budget -= per * len(run)
-            self._step([(slot, per) for slot in run])
+            (self._prefill if rows else self._step)([(slot, per) for slot in run])
         return budget
+
+    def _prefill(self, plan: list[tuple[Slot, int]]) -> None:
+        """One decode in the prefill context: `per` rows from each slot, a prompt's last chunk
+        padded past its end; finished prompts are copied to the main context and sample."""
+        entries: list[tuple[int, int, int, bool]] = []
+        outputs: list[tuple[Slot, int]] = []
+        for slot, per in plan:
+            if not slot.prefilled:  # its first chunk: the prefill context takes its cache
+                if slot.mirrored < len(slot.cached):
+                    self.backend.to_prefill(slot.seq)
+                else:
+                    self.backend.forget_prefill(slot.seq, len(slot.cached))
+                slot.mirrored = len(slot.cached)
+            start = len(slot.cached) + len(slot.prefilled)
+            chunk, slot.pending = slot.pending[:per], slot.pending[per:]
+            for i, token in enumerate(chunk):
+                wants = not slot.pending and i == len(chunk) - 1
+                if wants:
+                    outputs.append((slot, len(entries)))
+                entries.append((token, start + i, slot.seq, wants))
+            # padding, dropped again: the chunk's rows are whole groups
+            entries += [(chunk[-1], start + i, slot.seq, False) for i in range(len(chunk), per)]
+            slot.prefilled.extend(chunk)
+        self._decode(entries, prefill=True)
+        for slot, _ in outputs:
+            slot.cached.extend(slot.prefilled)
+            slot.prefilled = []
+            self.backend.from_prefill(slot.seq, len(slot.cached))
+            slot.mirrored = slot.prompted = len(slot.cached)
+        self._sample_outputs(outputs)
 
     def _decode_step(self, active: list[Slot]) -> None:
         seqs = [slot.seq for slot in active]

@@ -81,50 +81,84 @@ def choose_kernels(invariant: bool) -> None:
                     os.environ["GGML_CPU_TILED_MM"])
 
 
+PREFILL_ROWS = 4  # repacked Q4_K weights multiply groups of this many rows with one kernel
+
+
 class LlamaBackend:
     """One llama.cpp context shared by `n_seq` sequences. Unified, its KV cache lets sequences
     share cells of a common prefix; invariant, every sequence has a KV stream of its own and
-    the kernels compute a row alike whatever else is in the batch (`InvariantBatchEngine`)."""
+    the kernels compute a row alike whatever else is in the batch (`InvariantBatchEngine`).
+    Invariant with a `prefill_batch` on the CPU, a second context on repacked weights computes the
+    prompts (`prefill_rows`); weights it does not repack are mapped from the same file."""
 
     def __init__(self, path: Path, n_ctx_seq: int, n_seq: int, n_gpu_layers: int,
                  n_threads: int | None, n_batch: int, unified: bool = True,
-                 repack: bool = True) -> None:
-        from llama_cpp import _internals, llama_cpp
+                 repack: bool = True, prefill_batch: int = 0) -> None:
+        from llama_cpp import llama_cpp
 
         self.C = llama_cpp
         choose_kernels(not unified)
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
+        system = llama_cpp.llama_print_system_info()
         # CPU weight repacking (faster GEMM kernels, but groups of 4 rows round differently
         # from the rest)
-        mparams.use_extra_bufts = extra_buffers(repack and unified,
-                                                llama_cpp.llama_print_system_info())
-        self.model = _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+        self.model = self._load(path, n_gpu_layers, extra_buffers(repack and unified, system))
         threads = n_threads or os.cpu_count() or 1
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx_seq * n_seq
-        cparams.n_batch = cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq
-        cparams.n_threads = cparams.n_threads_batch = threads
-        # Unified: cells can belong to several sequences (shared prefixes). Not unified: one
-        # KV stream per sequence, its cells in position order whoever else comes and goes
-        # (attention adds them up in cell order); prefixes are copied between streams.
-        cparams.kv_unified = unified
         self.unified = unified
         self.can_share = True
-        if not unified:  # the attention paths InvariantBatchEngine steers around are these
-            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        cparams.swa_full = True  # so a sequence can be cut back to a shared prefix
-        self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
-        self.ctx = self.context.ctx
+        self.context = self._context(self.model, n_ctx_seq * n_seq, n_seq, n_batch, threads)
+        self.ctx = self.logits_ctx = self.context.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._buf = ctypes.create_string_buffer(256)
         self.shortcut = True  # sample among the few reachable logits (off: all of them)
+        self._state = (ctypes.c_uint8 * 0)()  # a sequence's cells, copied
+        self.prefill_rows = 0
+        self.prefill_model: Any = None
+        self.prefill_context: Any = None
+        if prefill_batch and not unified and n_gpu_layers == 0 and extra_buffers(True, system):
+            self.prefill_model = self._load(path, 0, True)
+            # room for a last chunk's padding past the end of the longest prompt
+            self.prefill_context = self._context(self.prefill_model,
+                                                 (n_ctx_seq + PREFILL_ROWS) * n_seq, n_seq,
+                                                 prefill_batch, threads)
+            self.prefill_memory = llama_cpp.llama_get_memory(self.prefill_context.ctx)
+            self.prefill_rows = PREFILL_ROWS
+
+    def _load(self, path: Path, n_gpu_layers: int, extra_bufts: bool) -> Any:
+        from llama_cpp import _internals
+
+        mparams = self.C.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_extra_bufts = extra_bufts
+        return _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+
+    def _context(self, model: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> Any:
+        from llama_cpp import _internals
+
+        cparams = self.C.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = cparams.n_threads_batch = threads
+        # Unified: cells can belong to several sequences (shared prefixes). Not unified: one
+        # KV stream per sequence, its cells in position order whoever else comes and goes
+        # (attention adds them up in cell order); prefixes are copied between streams.
+        cparams.kv_unified = self.unified
+        if not self.unified:  # the attention paths InvariantBatchEngine steers around
+            cparams.flash_attn_type = self.C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.swa_full = True  # so a sequence can be cut back to a shared prefix
+        return _internals.LlamaContext(model=model, params=cparams, verbose=False)
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        self._decode_in(self.ctx, entries)
+
+    def prefill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        assert self.prefill_context is not None
+        self._decode_in(self.prefill_context.ctx, entries)
+
+    def _decode_in(self, ctx: Any, entries: list[tuple[int, int, int, bool]]) -> None:
         batch = self.batch
         for i, (token, pos, seq, wants) in enumerate(entries):
             batch.token[i] = token
@@ -133,9 +167,32 @@ class LlamaBackend:
             batch.seq_id[i][0] = seq
             batch.logits[i] = wants
         batch.n_tokens = len(entries)
-        code = self.C.llama_decode(self.ctx, batch)
+        self.logits_ctx = ctx
+        code = self.C.llama_decode(ctx, batch)
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
+
+    def to_prefill(self, seq: int) -> None:
+        assert self.prefill_context is not None
+        self._copy(self.ctx, self.prefill_context.ctx, seq, seq)
+
+    def forget_prefill(self, seq: int, from_pos: int) -> None:
+        self.C.llama_memory_seq_rm(self.prefill_memory, seq, from_pos, -1)
+
+    def from_prefill(self, seq: int, n_tokens: int) -> None:
+        assert self.prefill_context is not None
+        self.forget_prefill(seq, n_tokens)  # the padding
+        self._copy(self.prefill_context.ctx, self.ctx, seq, seq)
+
+    def _copy(self, src: Any, dst: Any, src_seq: int, dst_seq: int) -> None:
+        """Copy a sequence's cells, in llama.cpp's sequence state: they replace what
+        `dst_seq` held, in its own KV stream, in position order from its first cell."""
+        size = self.C.llama_state_seq_get_size(src, src_seq)
+        if len(self._state) < size:
+            self._state = (ctypes.c_uint8 * size)()
+        if (self.C.llama_state_seq_get_data(src, self._state, size, src_seq) != size
+                or self.C.llama_state_seq_set_data(dst, self._state, size, dst_seq) != size):
+            raise RuntimeError(f"copying the cells of sequence {src_seq} failed")
 
     def sampler_for(self, sampling: Sampling) -> Chain:
         from llama_cpp import _internals
@@ -167,14 +224,15 @@ class LlamaBackend:
         reach = chain.reach()
         token = None if reach is None else self._sample_among(chain, batch_index, reach)
         if token is None:
-            token = int(self.C.llama_sampler_sample(chain.sampler.sampler, self.ctx, batch_index))
+            token = int(self.C.llama_sampler_sample(chain.sampler.sampler, self.logits_ctx,
+                                                    batch_index))
         chain.history.append(token)
         return token
 
     def _sample_among(self, chain: Chain, batch_index: int, reach: int) -> int | None:
         """The chain's pick among a superset of the row's `reach` highest logits; None where
         no superset can be had (the caller samples the whole row)."""
-        logits = self.C.llama_get_logits_ith(self.ctx, batch_index)
+        logits = self.C.llama_get_logits_ith(self.logits_ctx, batch_index)
         row = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
         ids = top_superset(row, reach)
         if ids is None:
@@ -205,13 +263,16 @@ class LlamaBackend:
         if self.unified:
             self.C.llama_memory_seq_cp(self.memory, src, dst, 0, n_tokens)
             return
-        # Across KV streams llama.cpp copies a whole stream (at the next decode), then the
-        # copy is cut back to the prefix.
-        self.C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        # Across KV streams: the donor's cells, copied now (llama.cpp's seq_cp would copy its
+        # whole stream, and only at the next decode), then cut back to the prefix.
+        self._copy(self.ctx, self.ctx, src, dst)
         self.C.llama_memory_seq_rm(self.memory, dst, n_tokens, -1)
 
     def close(self) -> None:
         self.C.llama_batch_free(self.batch)
+        if self.prefill_context is not None:
+            self.prefill_context.close()
+            self.prefill_model.close()
         self.context.close()
         self.model.close()
 
@@ -220,12 +281,14 @@ class LlamaModel:
     """The TextModel of a generation worker: up to `max_batch` generations at once."""
 
     def __init__(self, path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int | None,
-                 max_batch: int = 1, prompt_chunk: int = 128, invariant: bool = False) -> None:
+                 max_batch: int = 1, prompt_chunk: int = 128, invariant: bool = False,
+                 prefill: bool = True) -> None:
         n_batch = max(512, prompt_chunk + max_batch)
         self.n_ctx = n_ctx
         engine = InvariantBatchEngine if invariant else BatchEngine
         self.backend = LlamaBackend(path, n_ctx, engine.sequences(max_batch), n_gpu_layers,
-                                    n_threads, n_batch, unified=not invariant)
+                                    n_threads, n_batch, unified=not invariant,
+                                    prefill_batch=max(2, prompt_chunk) if prefill else 0)
         self.engine = engine(self.backend, max_batch, n_ctx, n_batch, prompt_chunk)
 
     @property

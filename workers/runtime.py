@@ -38,7 +38,8 @@ def load_model(spec: ModelSpec, settings: Settings, gpu: str) -> TextModel | Emb
         from workers.llama_model import LlamaModel
 
         return LlamaModel(path, spec.n_ctx, layers_on(gpu, spec.n_gpu_layers), spec.n_threads,
-                          spec.max_batch, spec.prompt_chunk_tokens, spec.batch_invariant)
+                          spec.max_batch, spec.prompt_chunk_tokens, spec.batch_invariant,
+                          spec.fast_prefill)
     from workers.microbatch import MicroBatcher
     from workers.st_model import SentenceTransformerModel
 

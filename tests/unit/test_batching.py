@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from workers.batching import (
@@ -21,6 +22,7 @@ class FakeBackend:
     """'Samples' the next integer after the last token of the sequence; EOG after `stop_at`."""
 
     can_share = True
+    prefill_rows = 0
 
     def __init__(self, stop_at: int = 1000) -> None:
         self.stop_at = stop_at
@@ -32,8 +34,11 @@ class FakeBackend:
         self.gate.set()
 
     def decode(self, entries):
+        self._run(self.batches, entries)
+
+    def _run(self, log, entries):
         self.gate.wait(5)
-        self.batches.append(list(entries))
+        log.append(list(entries))
         for i, (token, _, _seq, wants) in enumerate(entries):
             if wants:
                 self.last[i] = token
@@ -456,3 +461,98 @@ def test_jobs_seated_while_a_prompt_decodes_have_theirs_decoded_before_the_decod
         assert [seq for *_, seq, _ in backend.batches[2]] == [0, 1, 2]
     finally:
         engine.close()
+
+
+class PrefillBackend(FakeBackend):
+    """A fake backend with a prefill context: its decodes go to `prefills`, the copies of
+    cells between the contexts to `copies`."""
+
+    prefill_rows = 4
+
+    def __init__(self) -> None:
+        super().__init__(stop_at=10**6)
+        self.prefills: list[list[tuple[int, int, int, bool]]] = []
+        self.copies: list[tuple[str, int, int]] = []
+
+    def prefill(self, entries):
+        self._run(self.prefills, entries)
+
+    def to_prefill(self, seq):
+        self.copies.append(("to", seq, -1))
+
+    def forget_prefill(self, seq, from_pos):
+        self.copies.append(("forget", seq, from_pos))
+
+    def from_prefill(self, seq, n_tokens):
+        self.copies.append(("from", seq, n_tokens))
+
+
+@contextlib.contextmanager
+def prefill_engine(max_batch, prompt_chunk=128):
+    """An InvariantBatchEngine on a PrefillBackend, closed at the end of the block."""
+    from workers.batching import InvariantBatchEngine
+
+    backend = PrefillBackend()
+    engine = InvariantBatchEngine(backend, max_batch=max_batch, n_ctx=1000,
+                                  prompt_chunk=prompt_chunk)
+    try:
+        yield backend, engine
+    finally:
+        engine.close()
+
+
+def test_prompts_go_to_the_prefill_context_in_whole_groups_of_rows_padded_past_their_end():
+    with prefill_engine(8) as (backend, engine):
+        reqs = [request(range(100 * i, 100 * i + 15), max_new=3) for i in range(1, 9)]
+        got = run_in_order(engine, backend, reqs)
+        assert got == {100 * i: b"".join(f"<{100 * i + t}>".encode() for t in (15, 16, 17))
+                       for i in range(1, 9)}
+        # eight 15-token prompts, each padded to 16 rows, in one prefill decode
+        [prompts] = backend.prefills[-1:]
+        assert rows_per_seq(prompts) == {seq: 16 for seq in range(8)}
+        for seq in range(8):
+            rows = [(pos, wants) for _, pos, s, wants in prompts if s == seq]
+            assert [pos for pos, _ in rows] == list(range(16))  # the padding: position 15
+            assert [pos for pos, wants in rows if wants] == [14]  # the prompt's last token
+        # their cells were copied to the main context, which only decodes sampled tokens
+        assert [c for c in backend.copies if c[0] == "from"] == [("from", s, 15) for s in range(8)]
+        assert all(is_decode_step(b) for b in backend.batches)
+        assert [seq for *_, seq, _ in backend.batches[0]] == list(range(8))
+        assert [pos for _, pos, *_ in backend.batches[0]] == [15] * 8
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_of_whole_groups_below_the_attention_tiles():
+    with prefill_engine(2) as (backend, engine):
+        r = request(range(1000, 1150), max_new=2)
+        assert run(engine, r) == b"<1150><1151>"
+        assert [len(b) for b in backend.prefills] == [60, 60, 32]  # 150 rows and 2 padding
+        positions = [pos for b in backend.prefills for _, pos, *_ in b]
+        assert positions == list(range(152))
+        assert backend.copies[-1] == ("from", 0, 150)
+
+
+def test_a_last_prompt_token_left_alone_by_the_budget_is_still_prefilled():
+    with prefill_engine(2, prompt_chunk=8) as (backend, engine):
+        r = request(range(1000, 1009), max_new=1)  # 9 tokens: 8 rows, then 1 and padding
+        assert run(engine, r) == b"<1009>"
+        assert [[(t, pos, wants) for t, pos, _, wants in b] for b in backend.prefills][1] == [
+            (1008, 8, True), (1008, 9, False), (1008, 10, False), (1008, 11, False)]
+        assert backend.batches == []  # the main context decoded none of the prompt
+
+
+def test_with_a_prefill_context_only_prompt_cells_are_reused_and_two_tokens_are_left():
+    with prefill_engine(2) as (backend, engine):
+        first = request(range(1, 11), max_new=3)
+        assert run(engine, first) == b"<11><12><13>"
+        # the slot holds the prompt (prefilled) and 11 and 12 (decoded by the main context):
+        # a prompt that goes on with them reuses only the prompt's cells, which the prefill
+        # context still holds for that slot
+        again = request([*range(1, 14), 50, 51], max_new=1)
+        assert run(engine, again) == b"<52>"
+        assert again.reused == 10
+        assert backend.copies[-2] == ("forget", 0, 10)
+        assert [pos for _, pos, *_ in backend.prefills[-1]] == list(range(10, 18))
+        # the same prompt again: all but its last two tokens are reused
+        same = request([*range(1, 14), 50, 51], max_new=1)
+        assert run(engine, same) == b"<52>"
+        assert same.reused == 13
