@@ -29,6 +29,7 @@ import numpy as np
 
 from broker.settings import Settings
 from broker.sources import resolve
+from workers.batching import whole
 from workers.llama_model import LlamaBackend
 
 PROMPT = "Question: why is the sky blue? Answer in detail.\nAnswer:"
@@ -55,7 +56,8 @@ class Probe:
             rows = [e for e in entries if e[2] == seq]
             ends[seq] = rows[-1][1] + 1
             padded += rows + [(rows[-1][0], ends[seq] + i, seq, False)
-                              for i in range(-len(rows) % self.be.prefill_rows)]
+                              for i in range(whole(len(rows), self.be.prefill_rows)
+                                             - len(rows))]
         self.be.prefill(padded)
         for seq, end in ends.items():
             self.be.from_prefill(seq, end)

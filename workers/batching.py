@@ -115,6 +115,15 @@ class Slot:
     mirrored: int = 0
     prompted: int = 0
 
+    @property
+    def decoding(self) -> bool:
+        """Its next decode is one sampled token (or a prompt's last, without a prefill)."""
+        return self.request is not None and len(self.pending) == 1 and not self.prefilled
+
+    @property
+    def prompting(self) -> bool:
+        return self.request is not None and (len(self.pending) > 1 or bool(self.prefilled))
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
@@ -149,12 +158,12 @@ def plan_batch(slots: Sequence[Slot], n_batch: int, prompt_chunk: int) -> list[t
     plan: list[tuple[Slot, int]] = []
     budget = n_batch
     for slot in slots:
-        if slot.request is not None and len(slot.pending) == 1 and budget > 0:
+        if slot.decoding and budget > 0:
             plan.append((slot, 1))
             budget -= 1
     chunk_budget = min(budget, prompt_chunk)
     for slot in slots:
-        if slot.request is not None and len(slot.pending) > 1 and chunk_budget > 0:
+        if slot.prompting and chunk_budget > 0:
             take = min(len(slot.pending), chunk_budget)
             plan.append((slot, take))
             chunk_budget -= take
@@ -433,8 +442,7 @@ class InvariantBatchEngine(BatchEngine):
             self._seat_waiting()
             budget, prompted = self.prompt_chunk, False
             while budget >= 2:  # jobs seated while prompts decode join this step's budget
-                prompting = [s for s in self.slots if s.request is not None
-                             and (len(s.pending) > 1 or s.prefilled)]
+                prompting = [s for s in self.slots if s.prompting]
                 if not prompting:
                     break
                 prompted = True
@@ -445,8 +453,7 @@ class InvariantBatchEngine(BatchEngine):
                     break
                 if not self._seat_waiting():
                     break
-            decoding = [s for s in self.slots if s.request is not None
-                        and len(s.pending) == 1 and not s.prefilled]
+            decoding = [s for s in self.slots if s.decoding]
             if decoding:
                 try:
                     self._decode_step(decoding)
