@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +30,18 @@ from pydantic_settings import (
 
 BUNDLED_GEMMA = "bundled:gemma3-270m"
 BUNDLED_MINILM = "bundled:all-minilm-l6-v2"
+# `enabled` is read before the model is validated, so "false" from the environment (a string)
+# must be parsed as pydantic parses a bool field, not tested for truth.
+_BOOL = TypeAdapter(bool)
+
+
+def _enabled(spec: dict[str, Any]) -> bool:
+    """False only for a value pydantic reads as false; nonsense stays, for ModelSpec to refuse
+    naming the field."""
+    try:
+        return _BOOL.validate_python(spec.get("enabled", True))
+    except ValidationError:
+        return True
 
 
 class ModelSpec(BaseModel):
@@ -220,8 +240,7 @@ class Settings(BaseSettings):
         for name, spec in (data["models"] or {}).items():
             given = spec.model_dump() if isinstance(spec, ModelSpec) else dict(spec)
             merged[name] = {**merged.get(name, {}), **given}
-        data = {**data, "models": {k: v for k, v in merged.items() if v.get("enabled", True)}}
-        return data
+        return {**data, "models": {k: v for k, v in merged.items() if _enabled(v)}}
 
     @classmethod
     def settings_customise_sources(

@@ -45,6 +45,21 @@ def test_a_config_file_adds_a_model_and_disables_one(tmp_path: Path, monkeypatch
     assert s.models["big"].gpu == "1"
 
 
+@pytest.mark.parametrize("off", ["false", "False", "0", "no", "off"])
+def test_enabled_false_from_the_environment_removes_a_model(monkeypatch, off):
+    monkeypatch.setenv("TOKENPOOL_MODELS__EMBED__ENABLED", off)
+    assert set(Settings().models) == {"chat", "summary"}
+
+
+def test_enabled_true_from_the_environment_keeps_a_model_and_nonsense_names_the_field(
+        monkeypatch):
+    monkeypatch.setenv("TOKENPOOL_MODELS__EMBED__ENABLED", "true")
+    assert "embed" in Settings().models
+    monkeypatch.setenv("TOKENPOOL_MODELS__EMBED__ENABLED", "maybe")
+    with pytest.raises(ValidationError, match=r"models\.embed\.enabled"):
+        Settings()
+
+
 def test_a_bad_value_names_its_field(monkeypatch):
     monkeypatch.setenv("TOKENPOOL_MODELS__CHAT__N_CTX", "-5")
     with pytest.raises(ValidationError, match="n_ctx"):
