@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import redis
 import redis.asyncio as aioredis
+from kombu.exceptions import OperationalError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -33,7 +34,7 @@ from api import (
 from api.accesslog import AccessLog
 from api.admission import Vocabularies
 from api.auth import KeyAuth
-from api.errors import ApiError, api_error_handler
+from api.errors import ApiError, api_error_handler, store_unavailable
 from broker.batches import BatchStore
 from broker.celery_app import make_celery
 from broker.connection import API_SPARE_CONNECTIONS, api_redis
@@ -53,7 +54,7 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis error on %s: %s", request.url.path, exc)
-    return ApiError(503, "unavailable", "the job store is unavailable; retry later").response()
+    return store_unavailable().response()
 
 
 async def client_gone(request: Request, exc: Exception) -> Response:
@@ -135,7 +136,8 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_error,
-            aioredis.RedisError: redis_down,
+            aioredis.RedisError: redis_down,  # the sync client's errors are the same classes
+            OperationalError: redis_down,  # kombu: a Celery send that found no Redis
             ClientDisconnect: client_gone,
             Exception: internal_error,
         },

@@ -5,17 +5,20 @@ reaches the routes as `request.state.api_key`; each key sees only its own jobs a
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import ApiError
+from api.errors import ApiError, store_unavailable
 from broker.apikeys import LIMITS, ApiKey, authenticate, keys_exist
 
+log = logging.getLogger("tokenpool.api")
 OPEN_PATHS = frozenset({"/health"})
 KEYS_CHECK_S = 2.0  # how stale "are there keys at all?" may be
 
@@ -38,20 +41,34 @@ class KeyAuth:
             return
         state = scope["app"].state
         scope.setdefault("state", {})["api_key"] = None
-        if await self.enabled(state):
-            key = await self.key_of(scope, state)
-            if key is None:
-                await self.refuse(scope, receive, send)
-                return
-            scope["state"]["api_key"] = key
-            wait_s = await over_rate(state, key)
-            if wait_s is not None:
-                await self.refuse(scope, receive, send, ApiError(
-                    429, "rate_limited", f"over {limit_of(state, key, 'requests_per_minute')} "
-                    "requests per minute for this key", "Authorization",
-                    {"Retry-After": str(wait_s)}))
-                return
+        try:
+            refusal = await self.admit(scope, state)
+        except RedisError as exc:
+            # Before any route runs, so the app's own 503 handler cannot: with the key store
+            # unreadable no key can be checked, and nobody gets in.
+            log.warning("redis error checking keys on %s: %s", scope["path"], exc)
+            refusal = store_unavailable()
+        if refusal is not None:
+            await self.refuse(scope, receive, send, refusal)
+            return
         await self.app(scope, receive, send)
+
+    async def admit(self, scope: Scope, state: Any) -> ApiError | None:
+        """None to let the request in (its key, if any, set on the scope), else the refusal."""
+        if not await self.enabled(state):
+            return None
+        key = await self.key_of(scope, state)
+        if key is None:
+            return ApiError(401, "unauthorized", "a valid API key is required: "
+                            "Authorization: Bearer <key>", "Authorization",
+                            {"WWW-Authenticate": "Bearer"})
+        scope["state"]["api_key"] = key
+        wait_s = await over_rate(state, key)
+        if wait_s is None:
+            return None
+        return ApiError(429, "rate_limited", f"over {limit_of(state, key, 'requests_per_minute')} "
+                        "requests per minute for this key", "Authorization",
+                        {"Retry-After": str(wait_s)})
 
     async def key_of(self, scope: Scope, state: Any) -> ApiKey | None:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -61,11 +78,8 @@ class KeyAuth:
         return await authenticate(state.redis, state.keys, token.strip())
 
     async def refuse(self, scope: Scope, receive: Receive, send: Send,
-                     error: ApiError | None = None) -> None:
-        """401 (or the given error) in a body both our clients and OpenAI's can read."""
-        error = error or ApiError(401, "unauthorized", "a valid API key is required: "
-                                  "Authorization: Bearer <key>", "Authorization",
-                                  {"WWW-Authenticate": "Bearer"})
+                     error: ApiError) -> None:
+        """The error in a body both our clients and OpenAI's can read."""
         code = "invalid_api_key" if error.status == 401 else error.type
         body = {"error": {"type": error.type, "message": error.message, "field": error.field,
                           "code": code, "param": None}}

@@ -44,5 +44,14 @@ async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
+REDIS_RETRY_AFTER_S = 2  # what a 503 for an unreachable Redis tells clients to wait
+
+
+def store_unavailable() -> ApiError:
+    """Redis is unreachable: 503 with Retry-After, for every route that needs it."""
+    return ApiError(503, "unavailable", "the job store (Redis) is unreachable; retry later",
+                    None, {"Retry-After": str(REDIS_RETRY_AFTER_S)})
+
+
 def not_found(job_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no job {job_id!r}", "id")

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from api.errors import store_unavailable
 from broker.fleet import live_workers
 
 
@@ -29,7 +30,10 @@ async def ready(request: Request) -> JSONResponse:
         await state.redis.ping()
         by_model = await fleet(state)
     except (aioredis.RedisError, OSError) as exc:
-        return JSONResponse({"ready": False, "redis": f"unreachable: {type(exc).__name__}"}, 503)
+        error = store_unavailable()
+        body = {"ready": False, "redis": f"unreachable: {type(exc).__name__}",
+                "error": {"type": error.type, "message": error.message, "field": None}}
+        return JSONResponse(body, 503, error.headers)
     missing = [
         name for name in state.settings.models
         if not any(w.get("state") in ("loaded", "generating") for w in by_model.get(name, []))

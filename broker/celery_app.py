@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from typing import Any
+
 from celery import Celery
-from kombu import Queue
+from celery.worker.consumer import Consumer
+from kombu import Connection, Queue
 
 from broker.keys import Keys
 from broker.messages import JobRequest
 from broker.settings import Settings
+
+log = logging.getLogger("tokenpool.worker")
 
 # Task names, one per job kind; tasks/ defines them, the API sends them by name.
 TASK_NAMES = {
@@ -82,6 +89,65 @@ def send_group(app: Celery, keys: Keys, group: list[tuple[str, JobRequest]]) -> 
                   first.priority)
 
 
+# How long a worker's consumer waits between tries while Redis is away. kombu's default backs
+# off to 30 s, so a worker found Redis back up to half a minute late; Redis restarts in a
+# second or two under `tokenpool up`.
+RECONNECT_MAX_S = 2.0
+
+
+class QuickReconnectConsumer(Consumer):
+    """Celery's consumer, with two changes for Redis going away under running jobs:
+
+    - it retries the broker every RECONNECT_MAX_S at most;
+    - it survives losing the connection while it holds unacked messages. Closing the lost
+      connection makes each kombu channel put its unacked messages back on their queues; but
+      the channel drops its Redis pools first and Celery has already cleared the connection's
+      address, so making a pool again raised AttributeError, which Celery treats as
+      unrecoverable: the worker exited (kombu#582's path, still in kombu 5.7). Redis is away
+      anyway, so the channels skip that step: the messages stay in kombu's unacked set in Redis
+      and come back after the visibility timeout, and a job's own record, not its message,
+      decides whether it runs again."""
+
+    def ensure_connected(self, conn: Connection) -> Connection:
+        conn.ensure_connection = functools.partial(  # type: ignore[method-assign]
+            conn.ensure_connection, interval_start=0.5, interval_step=0.5,
+            interval_max=RECONNECT_MAX_S)
+        return super().ensure_connected(conn)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        conn = self.connection
+        transport = getattr(conn, "_connection", None)  # kombu's own; not a new connection
+        for channel in [getattr(conn, "_default_channel", None),
+                        *getattr(transport, "channels", ()),
+                        *getattr(transport, "_avail_channels", ())]:
+            if channel is not None:
+                channel.do_restore = False
+                if getattr(channel, "_qos", None) is not None:
+                    _forget_acks_on_lost(channel._qos)
+        super().on_connection_error_after_connected(exc)
+
+
+def _forget_acks_on_lost(qos: Any) -> None:
+    """A task that ends after its channel's connection was lost is acked (or rejected) on
+    that dead channel: kombu then rebuilds a pool from the cleared connection and raises
+    AttributeError, which Celery treats as unrecoverable. Such an answer cannot reach Redis
+    any more; the message stays unacked there, comes back after the visibility timeout, and
+    the job store refuses a stale delivery (or runs a job that still needs it)."""
+    for name in ("ack", "reject"):
+        answer = getattr(qos, name)
+
+        def forgetful(delivery_tag: Any, *args: Any, _answer: Any = answer, _name: str = name,
+                      **kwargs: Any) -> None:
+            try:
+                _answer(delivery_tag, *args, **kwargs)
+            except Exception as exc:
+                log.info("%s of delivery %s on a lost broker connection skipped (%s): Redis "
+                         "redelivers it after the visibility timeout", _name, delivery_tag,
+                         type(exc).__name__)
+
+        setattr(qos, name, forgetful)
+
+
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     keys = Keys(settings.key_prefix)
     app = Celery("tokenpool", broker=redis_url, set_as_current=False)
@@ -110,6 +176,7 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
             "global_keyprefix": "",
         },
         broker_connection_retry_on_startup=True,
+        worker_consumer=f"{__name__}:QuickReconnectConsumer",
         worker_send_task_events=True,
         task_send_sent_event=False,  # a second message per job; Flower sees received onward
         worker_hijack_root_logger=False,

@@ -53,6 +53,7 @@ class EmbeddedRedis:
     data_dir: Path
     port: int = 0
     appendonly: bool = True
+    appendfsync: str = "everysec"  # or "always": no acknowledged write lost even to a host crash
     password: str | None = field(default=None, repr=False)
     user: str | None = None  # with a password: an ACL user, and the default user off
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -75,20 +76,36 @@ class EmbeddedRedis:
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir.resolve()),
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+            "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no",
             "--protected-mode", "yes", "--logfile", "redis.log", *self.auth_args(),
         ]
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(self.port)
+        self._spawn(timeout_s)
+        return self
+
+    def _spawn(self, timeout_s: float) -> None:
         # Its own session: a terminal's Ctrl-C reaches our supervisor, which stops Redis last.
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, start_new_session=True
         )
         self.wait_ready(timeout_s)
         log.info("redis-server pid %s at %s", self.process.pid, self.url)
-        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Start it again on the same port, data dir and AOF (everyone holds its URL). The
+        AOF is replayed first: a big one takes a while, hence the longer wait."""
+        deadline = time.monotonic() + timeout_s
+        while not port_is_free(self.port):  # a dying server's socket, or another process
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {self.port} stayed taken; Redis not restarted")
+            time.sleep(0.1)
+        self._spawn(max(1.0, deadline - time.monotonic()))
 
     def wait_ready(self, timeout_s: float) -> None:
         client = redis.Redis.from_url(self.url, socket_timeout=1)

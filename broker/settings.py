@@ -177,6 +177,11 @@ class Settings(BaseSettings):
     flower_user: str = Field("admin")
     flower_password: str | None = Field(None, description="unset: generated and printed by up")
     embedded_redis_port: int = Field(6379, ge=0, le=65535, description="tried first by up")
+    embedded_redis_appendfsync: Literal["everysec", "always"] = Field(
+        "everysec", description="the embedded Redis's AOF fsync: everysec (a host crash can "
+        "lose the last second of writes) or always (nothing acknowledged is lost; every write "
+        "waits for the disk)"
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body")
     max_batch_jobs: int = Field(1000, ge=1, description="most jobs in one POST /v1/jobs/batch")
     job_ttl_s: int = Field(86_400, ge=1, description="job record and stream life after it ends")

@@ -146,12 +146,15 @@ return {attempt, tonumber(seq), deadline}
 """
 
 # KEYS: job, stream  ARGV: channel, body, maxlen, attempt, seq the writer expects.
-# Returns {seq, flag}: flag 1 cancel asked, 2 refused (not this attempt's any more).
+# Returns {seq, flag}: flag 1 cancel asked, 2 refused (not this attempt's any more), 3 a gap:
+# the stream ends before the expected seq (Redis lost its last writes: a crash between AOF
+# fsyncs, a failover), and seq is where it ends, for the writer to write the rest again.
 # A retried call (its reply lost) finds the seq taken and writes nothing twice.
 _APPEND = _APPEND_FN + """
 local st, att, nxt, cancel = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts',
                                                'next_seq', 'cancel'))
 if st ~= 'running' or att ~= ARGV[4] then return {-1, 2} end
+if tonumber(nxt) < tonumber(ARGV[5]) then return {tonumber(nxt), 3} end
 local flag = 0
 if cancel == '1' then flag = 1 end
 if tonumber(nxt) > tonumber(ARGV[5]) then return {tonumber(ARGV[5]), flag} end
@@ -160,14 +163,16 @@ return {seq, flag}
 """
 
 # KEYS: job, stream, running, metrics, histograms
-# ARGV: channel, body, maxlen, ttl, status, attempt or '', fields…
-# Returns seq, or -1 if the job ended already (or, with an attempt, is not that attempt's).
+# ARGV: channel, body, maxlen, ttl, status, attempt or '', seq the writer expects or '', fields…
+# Returns seq, or -1 if the job ended already (or, with an attempt, is not that attempt's), or
+# {-2, seq} for a gap before the expected seq (see _APPEND): nothing is written.
 _FINISH = _APPEND_FN + """
-local st, att = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts'))
+local st, att, nxt = unpack(redis.call('HMGET', KEYS[1], 'status', 'attempts', 'next_seq'))
 if (not st) or FINAL[st] then return -1 end
 if ARGV[6] ~= '' and (st ~= 'running' or att ~= ARGV[6]) then return -1 end
+if ARGV[7] ~= '' and tonumber(nxt) < tonumber(ARGV[7]) then return {-2, tonumber(nxt)} end
 local seq = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[1], 'status', ARGV[5], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'status', ARGV[5], unpack(ARGV, 8))
 count_final(KEYS[4], KEYS[5], KEYS[1], ARGV[5], ARGV[2])
 redis.call('HDEL', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
 seal(KEYS[1], KEYS[2], ARGV[4])
@@ -235,6 +240,22 @@ class Appended:
     seq: int
     cancel_requested: bool
     refused: bool
+    gap: bool = False  # the stream ends at `seq`, before the seq the writer expected
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A final write's answer: its seq; -1 if the job ended already or moved on; or, with
+    `gap`, where the stream ends (before the seq the writer expected), nothing written."""
+
+    seq: int
+    gap: bool = False
+
+
+def _finished(reply: Any) -> Finished:
+    if isinstance(reply, list):
+        return Finished(int(reply[1]), gap=True)
+    return Finished(int(reply))
 
 
 @dataclass(frozen=True)
@@ -323,22 +344,25 @@ class _Args:
         return keys, args + _pairs(fields)
 
     def finish(
-        self, job_id: str, event: Event, status: str, attempt: int | None, fields: dict[str, Any]
+        self, job_id: str, event: Event, status: str, attempt: int | None, fields: dict[str, Any],
+        seq: int | None = None,
     ) -> tuple[list[str], list[Any]]:
         fields = {"finished_at": repr(time.time()), **fields}
         args = [*self.event(job_id, event), self.ttl_s, status,
-                "" if attempt is None else str(attempt), *_pairs(fields)]
+                "" if attempt is None else str(attempt), "" if seq is None else str(seq),
+                *_pairs(fields)]
         return [*self.job_keys(job_id), self.keys.running(), *self.metric_keys()], args
 
     def metric_keys(self) -> list[str]:
         return [self.keys.metrics_jobs(), self.keys.metrics_histograms()]
 
     def fail(
-        self, job_id: str, error_type: str, message: str, attempt: int | None
+        self, job_id: str, error_type: str, message: str, attempt: int | None,
+        seq: int | None = None,
     ) -> tuple[list[str], list[Any]]:
         info = ErrorInfo(type=error_type, message=message)
         event = ErrorEvent(job=job_id, error=info)
-        return self.finish(job_id, event, "failed", attempt, {"error": info.model_dump()})
+        return self.finish(job_id, event, "failed", attempt, {"error": info.model_dump()}, seq)
 
     def cancel(self, job_id: str) -> list[Any]:
         return [*self.event(job_id, Cancelled(job=job_id)), self.ttl_s, repr(time.time())]
@@ -421,17 +445,20 @@ class JobStore:
 
     def appended(self, pending: PendingCall) -> Appended:
         got, flag = self.appends.wait(pending)
-        return Appended(seq=int(got), cancel_requested=flag == 1, refused=flag == 2)
+        return Appended(seq=int(got), cancel_requested=flag == 1, refused=flag == 2,
+                        gap=flag == 3)
 
     def finish(
-        self, job_id: str, event: Event, status: str, attempt: int | None = None, **fields: Any
-    ) -> int:
-        keys, args = self.args.finish(job_id, event, status, attempt, fields)
-        return int(self._finish(keys=keys, args=args))
+        self, job_id: str, event: Event, status: str, attempt: int | None = None,
+        seq: int | None = None, **fields: Any,
+    ) -> Finished:
+        keys, args = self.args.finish(job_id, event, status, attempt, fields, seq)
+        return _finished(self._finish(keys=keys, args=args))
 
-    def fail(self, job_id: str, error_type: str, message: str, attempt: int | None = None) -> int:
-        keys, args = self.args.fail(job_id, error_type, message, attempt)
-        return int(self._finish(keys=keys, args=args))
+    def fail(self, job_id: str, error_type: str, message: str, attempt: int | None = None,
+             seq: int | None = None) -> Finished:
+        keys, args = self.args.fail(job_id, error_type, message, attempt, seq)
+        return _finished(self._finish(keys=keys, args=args))
 
     def published_text(self, job_id: str) -> str:
         """The text of every token event so far, in seq order: where a new attempt goes on."""

@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 from contextlib import ExitStack
 from types import FrameType
 
@@ -34,6 +35,22 @@ def prepare_bundled(settings: Settings) -> None:
         resolve(source, settings.cache_dir)
 
 
+def keep_redis_up(server: EmbeddedRedis) -> None:
+    """The embedded Redis is supervised like every other child: restarted at once, on the
+    same port, data dir and AOF; workers, API and followers reconnect by themselves."""
+    if server.alive():
+        return
+    code = server.process.returncode if server.process is not None else None
+    started = time.monotonic()
+    try:
+        server.restart()
+    except Exception as exc:  # tried again on the next round
+        log.error("redis-server exited with %s and did not restart: %s", code, exc)
+        return
+    log.warning("redis-server exited with %s; restarted in %.2fs (pid %s, same port and AOF)",
+                code, time.monotonic() - started, server.process and server.process.pid)
+
+
 def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
 
@@ -45,8 +62,10 @@ def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
         signal.signal(sig, on_signal)
     with ExitStack() as cleanup:
         url = settings.redis_url
+        server: EmbeddedRedis | None = None
         if not url:
-            server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port)
+            server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port,
+                                   appendfsync=settings.embedded_redis_appendfsync)
             url = server.start().url
             cleanup.callback(server.stop)
         prepare_bundled(settings)
@@ -64,5 +83,7 @@ def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
               f"password {password})", flush=True)
         print(f"logs    {sup.log_dir}", flush=True)
         while not stop.wait(0.5):
+            if server is not None:
+                keep_redis_up(server)
             sup.restart_dead()
     log.info("stopped")

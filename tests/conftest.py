@@ -67,6 +67,30 @@ def stack_env(redis_url: str, config_file: Path, **extra: str) -> dict[str, str]
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
+def follow(url: str, job_id: str, timeout_s: float = 180) -> list[dict[str, Any]]:
+    """SSE events until the final one, reconnecting with Last-Event-ID whenever the
+    connection drops (an API or a Redis restart), as a browser's EventSource does."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(10, read=60)) as http:
+        while time.monotonic() < deadline:
+            headers = {"Last-Event-ID": str(out[-1]["seq"])} if out else {}
+            try:
+                with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as reply:
+                    if reply.status_code != 200:
+                        time.sleep(0.3)
+                        continue
+                    for line in reply.iter_lines():
+                        if line.startswith("data: "):
+                            out.append(json.loads(line[len("data: "):]))
+                            if out[-1]["type"] in FINAL_TYPES:
+                                return out
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+    raise AssertionError(f"job {job_id}: no final event in {timeout_s}s; got {out[-3:]}")
+
+
 @dataclass
 class Stack:
     url: str
@@ -102,28 +126,7 @@ class Stack:
         return out
 
     def follow(self, job_id: str, timeout_s: float = 180) -> list[dict[str, Any]]:
-        """SSE events until the final one, reconnecting with Last-Event-ID whenever the
-        connection drops (an API or a Redis restart), as a browser's EventSource does."""
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(base_url=self.url, timeout=httpx.Timeout(10, read=60)) as http:
-            while time.monotonic() < deadline:
-                headers = {"Last-Event-ID": str(out[-1]["seq"])} if out else {}
-                try:
-                    with http.stream("GET", f"/v1/jobs/{job_id}/events",
-                                     headers=headers) as reply:
-                        if reply.status_code != 200:
-                            time.sleep(0.3)
-                            continue
-                        for line in reply.iter_lines():
-                            if line.startswith("data: "):
-                                out.append(json.loads(line[len("data: "):]))
-                                if out[-1]["type"] in FINAL_TYPES:
-                                    return out
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
-        raise AssertionError(f"job {job_id}: no final event in {timeout_s}s; got {out[-3:]}")
+        return follow(self.url, job_id, timeout_s)
 
     def stream(self, job_id: str) -> list[dict[str, Any]]:
         """The job's events as stored in its Redis Stream."""

@@ -113,12 +113,12 @@ class ControlLoop:
             log.info("swap: now serving %s", target)
         finally:
             rt.swap = None
-            rt.heartbeat.beat()
+            rt.heartbeat.beat_now()
 
     def phase(self, name: str) -> None:
         if self.rt.swap is not None:
             self.rt.swap = {**self.rt.swap, "phase": name}
-        self.rt.heartbeat.beat()
+        self.rt.heartbeat.beat_now()
 
     def drain(self, requeue: bool) -> None:
         """Take no new jobs; let the running ones finish (or requeue them)."""

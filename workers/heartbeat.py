@@ -19,12 +19,33 @@ from broker.keys import Keys
 log = logging.getLogger("tokenpool.worker")
 
 
+class Outage:
+    """One warning when Redis goes away and one line when it is back, however many calls
+    fail in between: an outage of an hour is two lines of log, not thousands."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.since: float | None = None
+
+    def failed(self, exc: Exception) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s: Redis unreachable (%s); retrying until it is back", self.name, exc)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("%s: Redis is back after %.1fs", self.name, time.monotonic() - self.since)
+            self.since = None
+
+
 class Periodic:
     """A daemon thread that calls `fn` every `interval_s` until stopped; it never dies of an
-    error in `fn` (logged instead), so a Redis restart only pauses it."""
+    error in `fn` (logged instead: a Redis outage once, see Outage), so a Redis restart only
+    pauses it."""
 
     def __init__(self, name: str, interval_s: float, fn: Callable[[], object]) -> None:
         self.name, self.interval_s, self.fn = name, interval_s, fn
+        self.outage = Outage(name)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -33,13 +54,18 @@ class Periodic:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.fn()
-            except redis.RedisError as exc:
-                log.warning("%s: Redis error: %s", self.name, exc)
-            except Exception:
-                log.exception("%s: unexpected error", self.name)
+            self.run_once()
             self._stop.wait(self.interval_s)
+
+    def run_once(self) -> None:
+        try:
+            self.fn()
+        except redis.RedisError as exc:
+            self.outage.failed(exc)
+            return
+        except Exception:
+            log.exception("%s: unexpected error", self.name)
+        self.outage.ok()
 
     def stop(self) -> None:
         self._stop.set()
@@ -61,6 +87,12 @@ class Heartbeat:
 
     def beat(self) -> None:
         write_heartbeat(self.client, self.keys, self.full(), self.ttl_s, self.retention_s)
+
+    def beat_now(self) -> None:
+        """An extra beat for a state change (loading, unloading): never raises, so nothing a
+        worker does for itself (loading its model) waits on Redis; the loop's next beat
+        carries the state if this one could not."""
+        self._loop.run_once()
 
     def full(self) -> dict[str, Any]:
         return {**self.identity, **self.snapshot()}

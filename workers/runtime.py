@@ -16,7 +16,7 @@ from broker.celery_app import send_job
 from broker.connection import worker_redis
 from broker.keys import Keys
 from broker.messages import JOB_REQUEST, MODEL_KIND_OF_JOB, EmbedJob, GenerateJob
-from broker.recovery import Reaper
+from broker.recovery import Reaper, requeue_attempt
 from broker.settings import ModelSpec, Settings
 from broker.sources import resolve
 from broker.store import JobStore, Started
@@ -25,7 +25,7 @@ from workers.engine import EmbeddingModel, TextModel
 from workers.gpu import layers_on, torch_device
 from workers.heartbeat import Heartbeat, Periodic
 from workers.runners import Outcome, run_embed, run_generate, run_summarize
-from workers.state import StateMachine
+from workers.state import IllegalTransition, StateMachine
 from workers.telemetry import TokenRate, gpu_memory, host_memory
 from workers.writer import EventWriter, JobCancelled, JobGone, JobTimedOut
 
@@ -120,7 +120,7 @@ class WorkerRuntime:
         with self._lock:
             if self._model is None:
                 self.machine.to("loading")
-                self.heartbeat.beat()
+                self.heartbeat.beat_now()
                 started = time.monotonic()
                 try:
                     self._model = load_model(self.spec, self.settings, self.gpu)
@@ -139,7 +139,7 @@ class WorkerRuntime:
         with self._lock:
             if self._model is None or not self.machine.to_if("loaded", "unloading"):
                 return False
-            self.heartbeat.beat()
+            self.heartbeat.beat_now()
             try:
                 self._model.close()
             finally:
@@ -243,6 +243,8 @@ class WorkerRuntime:
             return "gone"
         except redis.RedisError:
             raise
+        except IllegalTransition as exc:
+            return self._hand_back(job_id, record, exc)
         except Exception as exc:
             self._count("jobs_failed")
             error_type, message = _error_of(exc, record)
@@ -253,6 +255,16 @@ class WorkerRuntime:
         self._count("jobs_done")
         log.info("job %s: succeeded %s", job_id, outcome.usage)
         return "succeeded"
+
+    def _hand_back(self, job_id: str, record: dict[str, Any], exc: Exception) -> str:
+        """The worker's own state (not the job) stopped this attempt: the job goes back to the
+        queue for another worker, or this one once it is ready; it is never failed for it."""
+        log.warning("job %s: this worker cannot run it now (%s); back to the queue", job_id, exc)
+        record = self.store.get(job_id) or record
+        if self.celery is not None and record.get("status") == "running":
+            requeue_attempt(self.store, self.celery, self.keys, self.settings, job_id,
+                            self.name, record, f"worker {self.name} was not ready ({exc})")
+        return "handed_back"
 
     def _execute(
         self, record: dict[str, Any], kind: str, out: EventWriter, resume: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,9 @@ from redis.exceptions import RedisError
 
 from broker.groupcommit import PendingCall
 from broker.messages import Cancelled, Done, Event, Stage, TokenEvent
-from broker.store import JobStore
+from broker.store import Appended, Finished, JobStore
+
+log = logging.getLogger("tokenpool.worker")
 
 
 class JobCancelled(Exception):
@@ -28,7 +31,13 @@ class JobTimedOut(Exception):
 
 class EventWriter:
     """The one writer of a running attempt: each write is fenced by the attempt number and
-    carries the seq it expects, so a retried write (reply lost in a Redis restart) is a no-op."""
+    carries the seq it expects, so a retried write (reply lost in a Redis restart) is a no-op.
+
+    It keeps every event it wrote (a job's events are small and few), so that when Redis
+    comes back without its last writes (killed between two AOF fsyncs, or a replica promoted
+    that had not got them) the writer sees the gap in the script's answer and writes the
+    missing events again, the same events at the same seq: followers that saw them before
+    the loss see them again unchanged, and the stream's text stays equal to the result."""
 
     def __init__(
         self, store: JobStore, job_id: str, attempt: int, next_seq: int,
@@ -40,10 +49,13 @@ class EventWriter:
         self.job_id = job_id
         self.attempt = attempt
         self.next_seq = next_seq
+        self.first_seq = next_seq  # this attempt's first own event; before it, its `started`
+        self.written: list[Event] = []  # this attempt's events, from first_seq on
         self.deadline = deadline
         self.created_at = created_at
         self.started_at = started_at
         self.first_token_at: float | None = None
+        self.rewritten = 0  # appends made again after a gap: the lost ones, the one that found it
         self._pending: PendingCall | None = None  # an append queued, its answer not yet read
 
     def _append(self, event: Event) -> None:
@@ -53,6 +65,7 @@ class EventWriter:
         self.settle()
         self.check_deadline()
         self._pending = self.store.append_later(self.job_id, event, self.attempt, self.next_seq)
+        self.written.append(event)
         self.next_seq += 1
 
     def settle(self) -> None:
@@ -62,10 +75,29 @@ class EventWriter:
         if pending is None:
             return
         appended = self.store.appended(pending)
+        if appended.gap:
+            appended = self._fill(appended.seq)
         if appended.refused:
             raise JobGone(self.job_id)
         if appended.cancel_requested:
             raise JobCancelled(self.job_id)
+
+    def _fill(self, end: int) -> Appended:
+        """Redis's stream ends at `end`, before events this attempt wrote: write them again,
+        one at a time, each at its own seq. Events before the attempt's first are not ours to
+        write: if those are gone too, so is the attempt (its start was lost with them)."""
+        if end < self.first_seq:
+            return Appended(seq=end, cancel_requested=False, refused=True)
+        log.warning("job %s: Redis lost events %d-%d; writing them again", self.job_id, end,
+                    self.next_seq - 1)
+        appended = Appended(seq=end, cancel_requested=False, refused=False)
+        for seq in range(end, self.next_seq):
+            event = self.written[seq - self.first_seq]
+            appended = self.store.append(self.job_id, event, self.attempt, seq)
+            if appended.refused or appended.gap:  # lost again, or moved on: the attempt ends
+                return Appended(seq=seq, cancel_requested=False, refused=True)
+            self.rewritten += 1
+        return appended
 
     def check_deadline(self) -> None:
         if self.deadline is not None and time.time() > self.deadline:
@@ -112,19 +144,27 @@ class EventWriter:
         with contextlib.suppress(RedisError, JobGone, JobCancelled):
             self.settle()
 
+    def _final(self, write: Callable[[int], Finished]) -> None:
+        """Write the final event at `next_seq`; if Redis lost events before it, write those
+        again first, then the final event."""
+        finished = write(self.next_seq)
+        if finished.gap and self._fill(finished.seq).refused is False:
+            write(self.next_seq)
+
     def succeed(self, result: dict[str, Any], usage: dict[str, int]) -> None:
         self._drain()
         timings = self.timings(usage.get("completion_tokens", 0))
         done = Done(job=self.job_id, usage=usage, timings=timings)
-        self.store.finish(
-            self.job_id, done, "succeeded", self.attempt, result=result, usage=usage,
-            timings=timings,
-        )
+        self._final(lambda seq: self.store.finish(
+            self.job_id, done, "succeeded", self.attempt, seq, result=result, usage=usage,
+            timings=timings))
 
     def cancelled(self) -> None:
         self._drain()
-        self.store.finish(self.job_id, Cancelled(job=self.job_id), "cancelled", self.attempt)
+        self._final(lambda seq: self.store.finish(
+            self.job_id, Cancelled(job=self.job_id), "cancelled", self.attempt, seq))
 
     def fail(self, error_type: str, message: str) -> None:
         self._drain()
-        self.store.fail(self.job_id, error_type, message, self.attempt)
+        self._final(lambda seq: self.store.fail(
+            self.job_id, error_type, message, self.attempt, seq))

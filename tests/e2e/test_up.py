@@ -18,8 +18,8 @@ from broker.redis_server import free_port
 from tests.conftest import stack_env
 
 
-@pytest.fixture
-def up(tmp_path, config_file):
+def start_up(tmp_path, config_file):
+    """`tokenpool up` on free ports with `config_file`: the process and its ports."""
     ports = {name: str(free_port()) for name in ("API_PORT", "FLOWER_PORT", "EMBEDDED_REDIS_PORT")}
     env = stack_env("", config_file, **{f"TOKENPOOL_{k}": v for k, v in ports.items()},
                     TOKENPOOL_DATA_DIR=str(tmp_path / "data"), TOKENPOOL_FLOWER_PASSWORD="s3cret")
@@ -28,11 +28,21 @@ def up(tmp_path, config_file):
     tokenpool = str(Path(sys.executable).parent / "tokenpool")
     proc = subprocess.Popen([tokenpool, "up"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    yield proc, ports
+    return proc, ports
+
+
+def stop_up(proc):
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     proc.stdout.close()
+
+
+@pytest.fixture
+def up(tmp_path, config_file):
+    proc, ports = start_up(tmp_path, config_file)
+    yield proc, ports
+    stop_up(proc)
 
 
 def read_urls(proc, timeout_s=30):
@@ -45,7 +55,7 @@ def read_urls(proc, timeout_s=30):
     return urls
 
 
-def wait_status(url, status, timeout_s=180, **kw):
+def wait_status(url, status, timeout_s=180, interval_s=0.5, **kw):
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -54,7 +64,7 @@ def wait_status(url, status, timeout_s=180, **kw):
         except httpx.TransportError:
             pass
         assert time.monotonic() < deadline, f"{url} never answered {status}"
-        time.sleep(0.5)
+        time.sleep(interval_s)
 
 
 def chat_workers(pid):

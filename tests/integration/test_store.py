@@ -79,7 +79,7 @@ def test_a_requeued_job_refuses_the_old_attempt_and_takes_only_the_new_dispatch(
     second = store.start(job_id, "w2", 2, "t5")
     assert second.attempt == 2
     assert store.published_text(job_id) == "Hello"
-    assert store.finish(job_id, TokenEvent(job=job_id, text="x"), "succeeded", 1) == -1
+    assert store.finish(job_id, TokenEvent(job=job_id, text="x"), "succeeded", 1).seq == -1
     kinds = [(e["type"], e.get("attempt")) for e in events(store, job_id)]
     assert kinds == [("queued", None), ("started", 1), ("token", None), ("requeued", 1),
                      ("started", 2)]
@@ -168,3 +168,65 @@ def test_a_shared_round_trip_keeps_each_calls_own_answer(store, redis_server):
     assert answers[cancelled].cancel_requested and not answers[cancelled].refused
     assert [e["type"] for e in events(store, live)][-1] == "token"
     assert [e["type"] for e in events(store, stale)][-1] == "started"
+
+
+def lose_last_writes(store, job_id, n):
+    """What a Redis killed between two AOF fsyncs (or a promoted replica) comes back
+    without: the stream's last `n` events, and the job's seq counter with them."""
+    kept = store.redis.xrange(KEYS.events(job_id))[:-n]
+    store.redis.delete(KEYS.events(job_id))  # XDEL would leave the stream's last id behind
+    for entry_id, fields in kept:
+        store.redis.xadd(KEYS.events(job_id), fields, id=entry_id)
+    store.redis.hincrby(KEYS.job(job_id), "next_seq", -n)
+
+
+def writer_for(store, job_id):
+    from workers.writer import EventWriter
+
+    started = store.start(job_id, "w1", 1, uuid.uuid4().hex)
+    return EventWriter(store, job_id, started.attempt, started.next_seq, None, time.time(),
+                       time.time())
+
+
+def test_events_redis_lost_are_written_again_at_their_seq_and_the_text_stays_whole(
+        store, redis_server):
+    job_id = create(redis_server.url)
+    out = writer_for(store, job_id)
+    for piece in ("Once", " upon", " a", " time"):
+        out.token(piece)
+    lose_last_writes(store, job_id, 2)
+    assert store.published_text(job_id) == "Once upon"
+    out.token(",")
+    out.token(" there")
+    assert out.rewritten == 3  # " a", " time", and "," that found the gap
+    seen = events(store, job_id)
+    assert [e["seq"] for e in seen] == list(range(len(seen)))
+    assert store.published_text(job_id) == "Once upon a time, there"
+
+
+def test_a_final_event_after_lost_tokens_goes_after_them_written_again(store, redis_server):
+    job_id = create(redis_server.url)
+    out = writer_for(store, job_id)
+    for piece in ("one", " two", " three"):
+        out.token(piece)
+    lose_last_writes(store, job_id, 2)
+    out.succeed({"text": "one two three"}, {"completion_tokens": 3})
+    seen = events(store, job_id)
+    assert [e["type"] for e in seen] == ["queued", "started", "token", "token", "token", "done"]
+    assert [e["seq"] for e in seen] == list(range(6))
+    assert store.published_text(job_id) == "one two three"
+    assert store.get(job_id)["status"] == "succeeded"
+
+
+def test_an_attempt_whose_start_redis_lost_writes_nothing_more(store, redis_server):
+    from workers.writer import JobGone
+
+    job_id = create(redis_server.url)
+    out = writer_for(store, job_id)
+    out.token("lost")
+    lose_last_writes(store, job_id, 2)  # the token and the `started` event
+    store.redis.hset(KEYS.job(job_id), "attempts", 0)  # ... and the start script's own writes
+    store.redis.hset(KEYS.job(job_id), "status", "queued")
+    with pytest.raises(JobGone):
+        out.token("more")
+    assert [e["type"] for e in events(store, job_id)] == ["queued"]
