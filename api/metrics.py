@@ -84,7 +84,11 @@ def worker_families(workers: list[dict[str, Any]]) -> list[Metric]:
                               labels=[*labels, "state"])
     gauges = {
         "vram_used_bytes": GaugeMetricFamily("tokenpool_worker_vram_used_bytes",
-                                             "VRAM used on the worker's GPU", labels=labels),
+                                             "VRAM used on the worker's GPU, by every process",
+                                             labels=labels),
+        "vram_process_bytes": GaugeMetricFamily("tokenpool_worker_vram_process_bytes",
+                                                "VRAM the worker process itself holds (NVML "
+                                                "per-process accounting)", labels=labels),
         "vram_total_bytes": GaugeMetricFamily("tokenpool_worker_vram_total_bytes",
                                               "VRAM of the worker's GPU", labels=labels),
         "rss_bytes": GaugeMetricFamily("tokenpool_worker_rss_bytes", "Worker process RSS",

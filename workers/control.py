@@ -18,7 +18,7 @@ from broker import control
 from broker.recovery import requeue_attempt
 from broker.sources import resolve
 from workers.footprint import model_bytes
-from workers.telemetry import free_memory_bytes
+from workers.telemetry import free_memory_bytes, gpu_memory
 
 if TYPE_CHECKING:
     from workers.runtime import WorkerRuntime
@@ -30,6 +30,16 @@ CONTROL_REPLY_S = 10.0
 
 def refused(status: int, type_: str, message: str) -> dict[str, Any]:
     return {"accepted": False, "status": status, "error": {"type": type_, "message": message}}
+
+
+def held_bytes(rt: WorkerRuntime) -> int:
+    """What the current model frees when unloaded: on a GPU, this process's own VRAM as NVML
+    counts it (other workers on the same GPU left out); else, or where NVML cannot tell, the
+    estimate from the model's file and context."""
+    own = gpu_memory(rt.gpu).get("vram_process_bytes")
+    if own is not None:
+        return int(own)
+    return model_bytes(rt.spec, resolve(rt.spec.source, rt.settings.cache_dir))
 
 
 class ControlLoop:
@@ -81,8 +91,7 @@ class ControlLoop:
         spec = rt.settings.models[target]
         needed = model_bytes(spec, resolve(spec.source, rt.settings.cache_dir))
         free, where = free_memory_bytes(rt.gpu)
-        held = (model_bytes(rt.spec, resolve(rt.spec.source, rt.settings.cache_dir))
-                if rt.state in ("loaded", "generating") else 0)
+        held = held_bytes(rt) if rt.state in ("loaded", "generating") else 0
         available, limit = free + held, rt.settings.worker_memory_limit_mb
         if limit is not None:
             available = min(available, int(limit * MB))

@@ -4,6 +4,7 @@ and its recent token rate. No GPU, no NVML, no driver: reported as CPU, never a 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -34,8 +35,10 @@ def _nvml() -> Any | None:
         return pynvml if _nvml_ready else None
 
 
-def gpu_memory(gpu: str) -> dict[str, Any]:
-    """`device` cuda with VRAM used/total in bytes, or `device` cpu."""
+def gpu_memory(gpu: str, pid: int | None = None) -> dict[str, Any]:
+    """`device` cuda with the GPU's VRAM used/total/free and this process's own use
+    (`vram_process_bytes`, from NVML's per-process accounting: several workers can share one
+    GPU, and the device's `used` counts them all), or `device` cpu."""
     if gpu == "cpu":
         return {"device": "cpu"}
     nvml = _nvml()
@@ -47,7 +50,25 @@ def gpu_memory(gpu: str) -> dict[str, Any]:
     except Exception as exc:
         return {"device": "cpu", "gpu_error": f"{type(exc).__name__}: {exc}"}
     return {"device": "cuda", "vram_used_bytes": int(info.used),
-            "vram_total_bytes": int(info.total), "vram_free_bytes": int(info.free)}
+            "vram_total_bytes": int(info.total), "vram_free_bytes": int(info.free),
+            "vram_process_bytes": process_vram(nvml, handle, os.getpid() if pid is None else pid)}
+
+
+def process_vram(nvml: Any, handle: Any, pid: int) -> int | None:
+    """VRAM this process holds on the device: the sum of its compute (CUDA) and graphics
+    contexts as NVML lists them; None where NVML cannot tell (a driver without per-process
+    accounting, or a container whose PID namespace hides our pid from NVML)."""
+    total, found = 0, False
+    for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        try:
+            processes = getattr(nvml, name)(handle)
+        except Exception:
+            continue
+        for proc in processes:
+            used = getattr(proc, "usedGpuMemory", None)
+            if proc.pid == pid and isinstance(used, int):
+                total, found = total + used, True
+    return total if found else None
 
 
 def host_memory() -> dict[str, int]:

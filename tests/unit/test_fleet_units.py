@@ -106,3 +106,72 @@ def test_worker_families_mark_one_state_and_gone_workers_down() -> None:
     states = {s.labels["state"]: s.value for s in found["tokenpool_worker_state"]}
     assert states["loaded"] == 1 and sum(states.values()) == 1
     assert [s.value for s in found["tokenpool_worker_running_jobs"]] == [1.0]
+
+
+class FakeNvml:
+    """NVML as nvidia-ml-py shows it: one GPU shared by two workers and a stranger."""
+
+    def __init__(self, compute: list[tuple[int, int | None]],
+                 graphics: list[tuple[int, int | None]] | None = None) -> None:
+        self.compute, self.graphics = compute, graphics or []
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+        assert index == 0
+        return "gpu0"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> object:
+        return type("Info", (), {"used": 9 << 30, "total": 141 << 30, "free": 132 << 30})()
+
+    def _procs(self, pairs: list[tuple[int, int | None]]) -> list[object]:
+        return [type("Proc", (), {"pid": pid, "usedGpuMemory": used})() for pid, used in pairs]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[object]:
+        return self._procs(self.compute)
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: str) -> list[object]:
+        return self._procs(self.graphics)
+
+
+def test_a_worker_reports_its_own_vram_beside_the_whole_gpus(monkeypatch) -> None:
+    import workers.telemetry as telemetry
+
+    fake = FakeNvml([(101, 3 << 30), (202, 5 << 30), (303, 1 << 30)])
+    monkeypatch.setattr(telemetry, "_nvml", lambda: fake)
+    mine, other = gpu_memory("0", pid=101), gpu_memory("0", pid=202)
+    assert mine["vram_used_bytes"] == other["vram_used_bytes"] == 9 << 30  # the device's
+    assert mine["vram_process_bytes"] == 3 << 30 and other["vram_process_bytes"] == 5 << 30
+    assert mine["vram_free_bytes"] == 132 << 30 and mine["device"] == "cuda"
+
+
+def test_own_vram_adds_graphics_contexts_and_is_none_where_nvml_cannot_tell(monkeypatch) -> None:
+    import workers.telemetry as telemetry
+
+    monkeypatch.setattr(telemetry, "_nvml", lambda: FakeNvml([(101, 3 << 30)], [(101, 1 << 20)]))
+    assert gpu_memory("0", pid=101)["vram_process_bytes"] == (3 << 30) + (1 << 20)
+    # A container's PID namespace: NVML lists host pids, never ours.
+    assert gpu_memory("0", pid=999)["vram_process_bytes"] is None
+    # Drivers without per-process accounting report usedGpuMemory as None.
+    monkeypatch.setattr(telemetry, "_nvml", lambda: FakeNvml([(101, None)]))
+    assert gpu_memory("0", pid=101)["vram_process_bytes"] is None
+
+
+def test_the_fleet_metrics_carry_the_workers_own_vram() -> None:
+    worker = {"name": "chat-0-1@h", "model": "chat", "gpu": "0", "live": True,
+              "state": "loaded", "vram_process_bytes": 3 << 30, "vram_used_bytes": 9 << 30}
+    families = {f.name: f for f in worker_families([worker])}
+    (sample,) = families["tokenpool_worker_vram_process_bytes"].samples
+    assert sample.value == 3 << 30 and sample.labels["worker"] == "chat-0-1@h"
+
+
+def test_a_swap_counts_what_the_current_model_frees_by_the_workers_own_vram(monkeypatch) -> None:
+    import workers.control as control
+
+    rt = type("Rt", (), {"gpu": "0"})()
+    monkeypatch.setattr(control, "gpu_memory", lambda gpu: {"vram_process_bytes": 7 << 30})
+    assert control.held_bytes(rt) == 7 << 30
+    monkeypatch.setattr(control, "gpu_memory", lambda gpu: {"device": "cpu"})
+    monkeypatch.setattr(control, "model_bytes", lambda spec, path: 123)
+    monkeypatch.setattr(control, "resolve", lambda source, cache: source)
+    rt.spec = type("Spec", (), {"source": "x.gguf"})()
+    rt.settings = type("S", (), {"cache_dir": "/tmp"})()
+    assert control.held_bytes(rt) == 123
