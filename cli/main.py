@@ -45,11 +45,18 @@ def api(
     log_level: str = typer.Option("INFO"),
 ) -> None:
     """Serve the HTTP API."""
+    hide_gpus()  # before llama.cpp can look for one
+    from broker.native import load_llama_first, route_llama_log
+
+    load_llama_first()
     import uvicorn
 
     from api.app import create_app
 
     setup_logging(log_level)
+    route_llama_log(logging.getLevelName(log_level.upper()))
+    logging.getLogger("tokenpool.api").info(
+        "GPUs hidden from the API process (CUDA_VISIBLE_DEVICES=''): it counts tokens on the CPU")
     settings = Settings()
     url = redis_url_of(settings)
     bind = host or settings.api_host
@@ -58,6 +65,13 @@ def api(
     # access_log off: uvicorn's prints query strings; api.accesslog logs without them.
     uvicorn.run(app, host=bind, access_log=False, port=port or settings.api_port,
                 log_level=log_level.lower(), timeout_graceful_shutdown=5)
+
+
+def hide_gpus() -> None:
+    """The API counts prompt tokens with a vocabulary-only llama.cpp model and needs no GPU;
+    on a CUDA build llama.cpp's device scan alone made a CUDA context there (518 MiB on an
+    H200). With no device visible it makes none."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def refuse_open_bind(settings: Settings, redis_url: str, host: str) -> None:
@@ -93,6 +107,9 @@ def worker(
     from workers.gpu import pin
 
     pin(gpu)  # before anything below can initialise CUDA
+    from broker.native import load_llama_first, route_llama_log
+
+    load_llama_first()  # before numpy: see broker.native
     from broker.celery_app import make_celery
     from broker.keys import Keys
     from schedules.tasks import register as register_schedules
@@ -100,6 +117,7 @@ def worker(
     from workers.runtime import WorkerRuntime
 
     setup_logging(log_level)
+    route_llama_log(logging.getLevelName(log_level.upper()))
     settings = Settings()
     if model not in settings.models:
         raise typer.BadParameter(f"no model {model!r}; configured: {sorted(settings.models)}")

@@ -132,7 +132,9 @@ class LlamaBackend:
         mparams = self.C.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.use_extra_bufts = extra_bufts
-        return _internals.LlamaModel(path_model=str(path), params=mparams, verbose=False)
+        # verbose: llama.cpp's log goes through broker.native's filter; verbose=False would
+        # point fd 2 at /dev/null for the load, and its warnings with it.
+        return _internals.LlamaModel(path_model=str(path), params=mparams, verbose=True)
 
     def _context(self, model: Any, n_ctx: int, n_seq: int, n_batch: int, threads: int) -> Any:
         from llama_cpp import _internals
@@ -149,7 +151,7 @@ class LlamaBackend:
         if not self.unified:  # the attention paths InvariantBatchEngine steers around
             cparams.flash_attn_type = self.C.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cparams.swa_full = True  # so a sequence can be cut back to a shared prefix
-        return _internals.LlamaContext(model=model, params=cparams, verbose=False)
+        return _internals.LlamaContext(model=model, params=cparams, verbose=True)
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         self._decode_in(self.ctx, entries)
