@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import redis
 import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 from starlette.applications import Starlette
@@ -37,7 +36,7 @@ from api.auth import KeyAuth
 from api.errors import ApiError, api_error_handler, store_unavailable
 from broker.batches import BatchStore
 from broker.celery_app import make_celery
-from broker.connection import API_SPARE_CONNECTIONS, api_redis
+from broker.connection import API_SPARE_CONNECTIONS, api_redis, sync_redis
 from broker.events import StreamHub
 from broker.keys import Keys
 from broker.settings import Settings
@@ -114,8 +113,8 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
         app.state.hub = StreamHub(client, app.state.keys)  # one XREAD for every follower
         app.state.celery = make_celery(settings, redis_url)
         # Batch creation, cancel and retry run in threads, a chunk at a time (broker.batches).
-        sync_client = redis.Redis.from_url(redis_url, client_name="tokenpool-api-batches",
-                                           socket_connect_timeout=5)
+        sync_client = sync_redis(redis_url, client_name="tokenpool-api-batches",
+                                 socket_connect_timeout=5)
         app.state.batches = BatchStore(sync_client, settings, app.state.celery)
         app.state.vocab = Vocabularies(settings.cache_dir)
         warming = asyncio.create_task(warm_up(app.state, warm_burst(settings)))

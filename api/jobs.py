@@ -117,8 +117,31 @@ async def store_and_send(
         if idem_key:  # a retry with the same key must get a new job, not this failed one
             await state.redis.delete(state.keys.idempotency(idem_key))
         raise
+    await confirm_replicated(state, job_id)
     log.info("job %s: queued %s on %s", job_id, job.kind, job.model)
     return job_id, True
+
+
+async def confirm_replicated(state: Any, job_id: str) -> None:
+    """With redis_confirm_replicas, answer only once that many replicas have the job: Redis
+    replicates asynchronously, so a primary that dies right after a 202 could take the job
+    with it into a failover. One write of ours after the Celery send, then WAIT on the same
+    connection (a pipeline): the replication stream is in order, so a replica that has the
+    write has the record and the message sent before it."""
+    needed, timeout_ms = (state.settings.redis_confirm_replicas,
+                          state.settings.redis_confirm_timeout_ms)
+    if needed == 0:
+        return
+    pipe = state.redis.pipeline(transaction=False)
+    pipe.incr(state.keys.replication_mark())
+    pipe.execute_command("WAIT", needed, timeout_ms)
+    _, acked = await pipe.execute()
+    if int(acked) < needed:
+        log.warning("job %s: on %s of %s replicas after %s ms", job_id, acked, needed, timeout_ms)
+        raise ApiError(503, "unavailable", f"job {job_id} was stored but reached {acked} of "
+                       f"{needed} replicas within {timeout_ms} ms, so a failover could lose it; "
+                       "retry with the same Idempotency-Key to get it (or a new one if it was "
+                       "lost)", None, {"Retry-After": "1"})
 
 
 async def _replayed(state: Any, job_id: str, fingerprint: str) -> JSONResponse:

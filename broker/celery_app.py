@@ -10,6 +10,7 @@ from celery import Celery
 from celery.worker.consumer import Consumer
 from kombu import Connection, Queue
 
+from broker.connection import KEEPALIVE_OPTIONS, SOCKET_TIMEOUT_S, celery_broker
 from broker.keys import Keys
 from broker.messages import JobRequest
 from broker.settings import Settings
@@ -150,7 +151,8 @@ def _forget_acks_on_lost(qos: Any) -> None:
 
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     keys = Keys(settings.key_prefix)
-    app = Celery("tokenpool", broker=redis_url, set_as_current=False)
+    broker, sentinel_options = celery_broker(redis_url)
+    app = Celery("tokenpool", broker=broker, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -174,6 +176,13 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
             "sep": ":",
             "queue_order_strategy": "priority",
             "global_keyprefix": "",
+            # A dead or cut-off Redis host: fail the connection within seconds, not never
+            # (see broker.connection; kombu's BRPOP waits 1 s at a time).
+            "socket_timeout": SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+            "socket_keepalive_options": KEEPALIVE_OPTIONS,
+            **sentinel_options,
         },
         broker_connection_retry_on_startup=True,
         worker_consumer=f"{__name__}:QuickReconnectConsumer",

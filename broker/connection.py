@@ -1,4 +1,10 @@
-"""Redis clients that ride out a Redis restart: reconnect and retry with capped backoff.
+"""Redis clients that ride out a Redis restart or a Sentinel failover: reconnect and retry with
+capped backoff, and find the current master through the Sentinels when there are some.
+
+One address names the Redis everywhere (settings, the REDIS_URL every child of `up` gets):
+a plain `redis://` or `rediss://` URL, or `redis+sentinel://[user:password@]host:port,host:port
+/master/db[?sentinel_password=…&ssl=1&ssl_ca_certs=…]`, which Settings builds from its
+`redis_sentinel` group. Every client of ours is made here, from that address.
 
 Every script a worker calls is idempotent (see broker.store), so a command retried after its
 reply was lost writes nothing twice. Workers retry for long (a token waits rather than a job
@@ -7,12 +13,33 @@ failing); the API retries briefly and then answers 503, so a client is never lef
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+log = logging.getLogger("tokenpool.redis")
+# A Redis host that dies or is cut off sends no reset: a connection to it would wait for ever
+# (a blocking XREAD, a BRPOP, a script's reply). An idle connection gets TCP keepalive probes
+# after 3 s of silence, every second, three times; one with a request unanswered is dropped
+# after 5 s (TCP_USER_TIMEOUT); so either fails within about 6 s and the client reconnects
+# (through the Sentinels, to the new master). Both are longer than our blocking reads
+# (XREAD's 5 s wait is idle time, kombu's BRPOP waits 1 s).
+KEEPALIVE = {opt: value for opt, value in (("TCP_KEEPIDLE", 3), ("TCP_KEEPINTVL", 1),
+                                           ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 5000))
+             if hasattr(socket, opt)}
+KEEPALIVE_OPTIONS = {getattr(socket, opt): value for opt, value in KEEPALIVE.items()}
+SOCKET_TIMEOUT_S = 10.0
 BACKOFF_CAP_S = 1.0
 API_RETRIES = 3
 API_SPARE_CONNECTIONS = 64  # beside the followers' catch-up reads, for every other request
@@ -33,10 +60,147 @@ def _backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(base=0.05, cap=BACKOFF_CAP_S)
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """A Sentinel-managed Redis: where the Sentinels are, which master, how to log in."""
+
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
+    tls: dict[str, Any] = field(default_factory=dict)  # ssl=True and ssl_ca_certs, for both
+
+    def url(self) -> str:
+        auth = ""
+        if self.password:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        query = []
+        if self.sentinel_password:
+            query.append(f"sentinel_password={quote(self.sentinel_password, safe='')}")
+        if self.tls:
+            query.append("ssl=1")
+            if self.tls.get("ssl_ca_certs"):
+                query.append(f"ssl_ca_certs={quote(self.tls['ssl_ca_certs'], safe='')}")
+        return (f"{SENTINEL_SCHEME}://{auth}{hosts}/{quote(self.master, safe='')}/{self.db}"
+                + (f"?{'&'.join(query)}" if query else ""))
+
+
+def parse_sentinel(url: str) -> SentinelAddress | None:
+    """The Sentinel address in `url`, or None for a plain redis:// or rediss:// URL."""
+    if not url.startswith(f"{SENTINEL_SCHEME}://"):
+        return None
+    parts = urlsplit(url)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    sentinels = []
+    for item in hostlist.split(","):
+        host, _, port = item.rpartition(":")
+        sentinels.append((host.strip("[]"), int(port or 26379)))
+    master, _, db = parts.path.strip("/").partition("/")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    tls: dict[str, Any] = {}
+    if query.get("ssl") in ("1", "true"):
+        tls = {"ssl": True, "ssl_ca_certs": query.get("ssl_ca_certs")}
+    return SentinelAddress(sentinels, unquote(master) or "mymaster", int(db or 0),
+                           unquote(username) or None, unquote(password) or None,
+                           query.get("sentinel_password"), tls)
+
+
+class _AskSentinels(redis.sentinel.SentinelManagedConnection):
+    """redis-py 8 reconnects a dropped connection from `send_packed_command` through
+    `connect_check_health`, which retries the connection's old host: after a failover a worker
+    tried the dead master 64 times, 5 s each. Every reconnect here asks the Sentinels first."""
+
+    def connect_check_health(self, check_health: bool = True,
+                             retry_socket_connect: bool = True) -> None:
+        if retry_socket_connect:
+            return self.connect()  # each try: ask the Sentinels, then connect
+        return super().connect_check_health(check_health=check_health,
+                                            retry_socket_connect=False)
+
+
+class _AskSentinelsSSL(_AskSentinels, redis.connection.SSLConnection):
+    pass
+
+
+class _AsyncAskSentinels(aiosentinel.SentinelManagedConnection):
+    """As _AskSentinels, on redis.asyncio."""
+
+    async def connect_check_health(self, check_health: bool = True,
+                                   retry_socket_connect: bool = True) -> None:
+        if retry_socket_connect:
+            await self.connect()
+            return
+        await super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+
+
+class _AsyncAskSentinelsSSL(_AsyncAskSentinels, aioredis.connection.SSLConnection):
+    pass
+
+
+def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
+    """A client of the Redis at `url`: the current master's, through the Sentinels if any."""
+    address = parse_sentinel(url)
+    if address is None:
+        return redis.Redis.from_url(url, **kwargs)
+    manager = redis.sentinel.Sentinel(
+        address.sentinels, sentinel_kwargs=_sentinel_kwargs(address, kwargs), **address.tls)
+    return manager.master_for(
+        address.master, db=address.db, username=address.username, password=address.password,
+        connection_class=_AskSentinelsSSL if address.tls else _AskSentinels, **kwargs)
+
+
+def async_redis(url: str, **kwargs: Any) -> aioredis.Redis:
+    """As sync_redis, on redis.asyncio."""
+    address = parse_sentinel(url)
+    if address is None:
+        return aioredis.Redis.from_url(url, **kwargs)
+    manager = aiosentinel.Sentinel(
+        address.sentinels, sentinel_kwargs=_sentinel_kwargs(address, kwargs), **address.tls)
+    return manager.master_for(
+        address.master, db=address.db, username=address.username, password=address.password,
+        connection_class=_AsyncAskSentinelsSSL if address.tls else _AsyncAskSentinels, **kwargs)
+
+
+def _sentinel_kwargs(address: SentinelAddress, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """How to reach a Sentinel: its own password, the client's timeouts, and TLS."""
+    out: dict[str, Any] = {
+        k: kwargs[k] for k in ("socket_timeout", "socket_connect_timeout") if k in kwargs}
+    out.setdefault("socket_connect_timeout", 2)
+    out.setdefault("socket_timeout", 2)
+    if address.sentinel_password:
+        out["password"] = address.sentinel_password
+    return {**out, **address.tls}
+
+
+def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
+    """Celery's broker URL for `url` and the transport options it needs: kombu's Sentinel
+    transport (`sentinel://…;sentinel://…`, master_name) for a Sentinel address."""
+    address = parse_sentinel(url)
+    if address is None:
+        return url, {}
+    auth = (f"{quote(address.username or '', safe='')}:{quote(address.password, safe='')}@"
+            if address.password else "")
+    broker = ";".join(f"sentinel://{auth}{host}:{port}/{address.db}"
+                      for host, port in address.sentinels)
+    sentinel_kwargs: dict[str, Any] = {**address.tls}
+    if address.sentinel_password:
+        sentinel_kwargs["password"] = address.sentinel_password
+    options: dict[str, Any] = {"master_name": address.master, "sentinel_kwargs": sentinel_kwargs}
+    return broker, options
+
+
 def worker_redis(url: str, retry_s: float, name: str) -> redis.Redis:
-    return redis.Redis.from_url(
+    return sync_redis(
         url, retry=Retry(_backoff(), retries_for(retry_s)), health_check_interval=30,
-        client_name=name, socket_connect_timeout=5, socket_keepalive=True,
+        client_name=name, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S,
+        socket_keepalive=True, socket_keepalive_options=KEEPALIVE_OPTIONS,
         max_connections=WORKER_MAX_CONNECTIONS,
     )
 
@@ -45,8 +209,36 @@ def api_redis(url: str, max_connections: int, name: str = "tokenpool-api") -> ai
     """Followers wait on one shared blocking XREAD (broker.events.StreamHub), but each one
     catches up on its own when it joins, all at once in a burst: the pool allows a connection
     per follower allowed plus spare ones (redis-py's default is 100)."""
-    return aioredis.Redis.from_url(
+    return async_redis(
         url, retry=AsyncRetry(_backoff(), API_RETRIES), health_check_interval=30,
-        client_name=name, socket_connect_timeout=5, socket_keepalive=True,
+        client_name=name, socket_connect_timeout=2, socket_timeout=SOCKET_TIMEOUT_S,
+        socket_keepalive=True, socket_keepalive_options=KEEPALIVE_OPTIONS,
         max_connections=max_connections,
     )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def warn_if_unauthenticated(url: str) -> bool:
+    """Log a warning, and say True, when `url` reaches Redis beyond this machine without a
+    password: anyone on that network could read every prompt and write any job."""
+    address = parse_sentinel(url)
+    if address is not None:
+        hosts = [host for host, _ in address.sentinels]
+        password = address.password
+    else:
+        parts = urlsplit(url)
+        hosts, password = [parts.hostname or "localhost"], parts.password
+        if parts.scheme == "unix":
+            return False
+    if password or all(_loopback(host) for host in hosts):
+        return False
+    log.warning("Redis at %s is reached over the network without a password: anyone who can "
+                "reach it can read every prompt and write any job. Set a password (or an ACL "
+                "user) in REDIS_URL or redis_sentinel.password", ", ".join(hosts))
+    return True

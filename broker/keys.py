@@ -67,6 +67,11 @@ class Keys:
         """Sorted set: job id -> time it was dead-lettered (its worker died max_attempts times)."""
         return f"{self.prefix}:dead-letters"
 
+    def replication_mark(self) -> str:
+        """Counter the API bumps after a submit, on the connection it then WAITs on, so that
+        the replicas' acknowledgement covers the job and its Celery message before it."""
+        return f"{self.prefix}:replicated"
+
     def reaper_lock(self) -> str:
         """String with a TTL: held by the one worker whose reaper runs this round."""
         return f"{self.prefix}:reaper"

@@ -13,7 +13,12 @@ one of them per round (a lock with a TTL) looks at each running job:
   `failed` with a timeout; the worker's next write is refused and it moves on.
 
 Right after Redis restarts every heartbeat may have expired while the workers are fine, so
-the reaper waits until Redis has been up for a full heartbeat TTL before it judges anyone.
+the reaper waits until Redis has been up for a full heartbeat TTL before it judges anyone. The
+same after a Sentinel failover: the promoted replica has been up for long, but the workers
+could not beat while there was no master, so a reaper that sees another server (its run_id)
+than before waits a heartbeat TTL from then; so does a reaper that has just started (it may
+have started just after a failover). Every reaper looks at the server every round, its turn
+or not.
 """
 
 from __future__ import annotations
@@ -66,10 +71,12 @@ class Reaper:
         self.redis, self.store, self.celery = client, store, celery
         self.settings, self.owner = settings, owner
         self.keys = Keys(settings.key_prefix)
+        self._server: tuple[str, float] | None = None  # run_id, and when it was first seen
 
     def run_once(self) -> list[tuple[str, str]]:
         """One round; returns (job id, outcome) for every job it acted on."""
-        if not self._my_turn() or not self._redis_settled():
+        settled = self._redis_settled()  # every round, so that a failover is seen by all
+        if not self._my_turn() or not settled:
             return []
         running = self.store.running()
         if not running:
@@ -87,8 +94,17 @@ class Reaper:
         return bool(self.redis.set(self.keys.reaper_lock(), self.owner, nx=True, px=ttl_ms))
 
     def _redis_settled(self) -> bool:
-        uptime_s = float(self.redis.info("server").get("uptime_in_seconds", 0))
-        return uptime_s >= self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
+        info = self.redis.info("server")
+        window_s = self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
+        run_id, now = str(info.get("run_id", "")), time.monotonic()
+        if self._server is None:  # a new reaper judges no one before a TTL of its own
+            self._server = (run_id, now)
+        elif self._server[0] != run_id:  # restarted, or another server after a failover
+            log.warning("Redis is another server now (run_id %s); judging no worker for %.1fs",
+                        run_id[:8], window_s)
+            self._server = (run_id, now)
+        uptime_s = float(info.get("uptime_in_seconds", 0))
+        return uptime_s >= window_s and now - self._server[1] >= window_s
 
     def _heartbeats(self, workers: set[str]) -> dict[str, dict[str, Any]]:
         names = sorted(workers)

@@ -56,6 +56,7 @@ class EmbeddedRedis:
     appendfsync: str = "everysec"  # or "always": no acknowledged write lost even to a host crash
     password: str | None = field(default=None, repr=False)
     user: str | None = None  # with a password: an ACL user, and the default user off
+    replica_of: int | None = None  # a replica of the loopback Redis on this port
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -78,6 +79,7 @@ class EmbeddedRedis:
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no",
             "--protected-mode", "yes", "--logfile", "redis.log", *self.auth_args(),
+            *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
         ]
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:

@@ -140,6 +140,35 @@ class ScheduleSpec(BaseModel):
         return self
 
 
+class SentinelSpec(BaseModel):
+    """A Redis whose master Redis Sentinel names: every component asks the Sentinels for the
+    current master (redis-py's Sentinel, kombu's Sentinel transport) and follows a failover."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hosts: list[str] = Field(min_length=1, description="the Sentinels, as host:port")
+    master: str = Field("tokenpool", min_length=1, description="the master's name in Sentinel")
+    db: int = Field(0, ge=0, description="the Redis database number")
+    username: str | None = Field(None, description="the master's ACL user (unset: default)")
+    password: str | None = Field(None, description="the master's (and replicas') password")
+    sentinel_password: str | None = Field(None, description="the Sentinels' own password")
+
+    @model_validator(mode="after")
+    def _ports(self) -> SentinelSpec:
+        for host in self.hosts:
+            name, _, port = host.rpartition(":")
+            if not name or not port.isdigit():
+                raise ValueError(f"hosts: {host!r} is not host:port")
+        return self
+
+    def url(self) -> str:
+        from broker.connection import SentinelAddress
+
+        pairs = [(h.rpartition(":")[0].strip("[]"), int(h.rpartition(":")[2])) for h in self.hosts]
+        return SentinelAddress(pairs, self.master, self.db, self.username, self.password,
+                               self.sentinel_password).url()
+
+
 class Settings(BaseSettings):
     """Everything configurable, with its unit in its name."""
 
@@ -151,6 +180,10 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("TOKENPOOL_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis to use; unset: `tokenpool up` starts an embedded redis-server",
+    )
+    redis_sentinel: SentinelSpec | None = Field(
+        None, description="a Sentinel-managed Redis instead of redis_url "
+        "(TOKENPOOL_REDIS_SENTINEL__HOSTS='[\"10.0.0.1:26379\", …]', …__MASTER, …__PASSWORD)"
     )
     key_prefix: str = Field("tokenpool", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data_dir: Path = Field(Path("data"), description="embedded Redis data (AOF) and logs")
@@ -227,6 +260,14 @@ class Settings(BaseSettings):
     dead_letter_ttl_s: int = Field(
         7 * 86_400, ge=60, description="how long a dead-lettered job stays inspectable"
     )
+    redis_confirm_replicas: int = Field(
+        0, ge=0, le=16, description="a submit answers 202 only once this many replicas have "
+        "the job and its message (Redis WAIT); with Sentinel, 1 keeps an accepted job through a "
+        "failover (0: the primary's word, as on one Redis)"
+    )
+    redis_confirm_timeout_ms: int = Field(
+        1000, ge=1, description="how long a submit waits for those replicas before a 503"
+    )
     worker_redis_retry_s: float = Field(
         60.0, ge=0, description="a worker retries Redis this long before giving up a write"
     )
@@ -270,3 +311,9 @@ class Settings(BaseSettings):
 
     def model(self, name: str) -> ModelSpec:
         return self.models[name]
+
+    @property
+    def redis_address(self) -> str | None:
+        """The one address every component reaches Redis by (broker.connection makes the
+        clients): the Sentinel group's if set, else redis_url."""
+        return self.redis_sentinel.url() if self.redis_sentinel else self.redis_url

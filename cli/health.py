@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import redis
 
+from broker.connection import sync_redis
 from broker.fleet import read_heartbeats
 from broker.keys import Keys
 from broker.settings import Settings
@@ -35,10 +35,10 @@ def flower(settings: Settings, url: str) -> str | None:
 
 def worker(settings: Settings, url: str) -> str | None:
     """A worker of this host beats in Redis with its model loading or loaded."""
-    if not settings.redis_url:
+    if not settings.redis_address:
         return "no REDIS_URL"
     keys, host = Keys(settings.key_prefix), socket.gethostname()
-    with redis.Redis.from_url(settings.redis_url, socket_timeout=5) as client:
+    with sync_redis(settings.redis_address, socket_timeout=5) as client:
         beats = read_heartbeats(client, keys, settings.heartbeat_ttl_s)
     mine = [b for b in beats if b.get("host") == host]
     if not mine:

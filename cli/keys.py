@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-import redis
 import typer
 from rich.table import Table
 
 from broker.apikeys import KeyStore
+from broker.connection import sync_redis
 from broker.keys import Keys
 from broker.settings import Settings
 from cli.commands import Json, out, print_json
@@ -32,9 +32,9 @@ def seconds(text: str) -> float:
 @contextmanager
 def store() -> Iterator[KeyStore]:
     settings = Settings()
-    if not settings.redis_url:
+    if not settings.redis_address:
         raise typer.BadParameter("set REDIS_URL to the deployment's Redis")
-    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+    with sync_redis(settings.redis_address, socket_connect_timeout=5) as client:
         yield KeyStore(client, Keys(settings.key_prefix))
 
 

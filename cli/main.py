@@ -24,9 +24,16 @@ def setup_logging(level: str) -> None:
 
 
 def redis_url_of(settings: Settings) -> str:
-    if not settings.redis_url:
-        raise typer.BadParameter("no Redis: set REDIS_URL, or run `tokenpool up` (starts one)")
-    return settings.redis_url
+    """The Redis address (a URL, or the Sentinel group's), with a warning when Redis is
+    reached over a network without a password."""
+    from broker.connection import warn_if_unauthenticated
+
+    address = settings.redis_address
+    if not address:
+        raise typer.BadParameter("no Redis: set REDIS_URL (or the redis_sentinel group), or "
+                                 "run `tokenpool up` (starts one)")
+    warn_if_unauthenticated(address)
+    return address
 
 
 @cli.command()
@@ -78,8 +85,7 @@ def refuse_open_bind(settings: Settings, redis_url: str, host: str) -> None:
     """Without API keys the API serves loopback only, unless a trusted proxy is in front."""
     import ipaddress
 
-    import redis
-
+    from broker.connection import sync_redis
     from broker.keys import Keys
 
     try:
@@ -88,7 +94,7 @@ def refuse_open_bind(settings: Settings, redis_url: str, host: str) -> None:
         loopback = host == "localhost"
     if loopback or settings.behind_trusted_proxy:
         return
-    with redis.Redis.from_url(redis_url, socket_connect_timeout=5) as client:
+    with sync_redis(redis_url, socket_connect_timeout=5) as client:
         if client.scard(Keys(settings.key_prefix).api_keys()):
             return
     raise typer.BadParameter(
@@ -175,6 +181,16 @@ def beat(log_level: str = typer.Option("INFO")) -> None:
         "beat", f"--schedule={settings.data_dir / 'beat-schedule'}",
         f"--pidfile={beat_pidfile(settings)}", f"--loglevel={log_level}",
     ])
+
+
+@cli.command(name="redis-acl")
+def redis_acl(prefix: str | None = typer.Option(None, help="key prefix (default: settings)")
+              ) -> None:
+    """Print least-privilege Redis ACL users for the API and the workers (see broker/acl.py)."""
+    from broker.acl import setuser_lines
+
+    for line in setuser_lines(prefix or Settings().key_prefix):
+        typer.echo(line)
 
 
 @cli.command()

@@ -61,7 +61,7 @@ def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     with ExitStack() as cleanup:
-        url = settings.redis_url
+        url = settings.redis_address
         server: EmbeddedRedis | None = None
         if not url:
             server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port,

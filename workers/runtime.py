@@ -202,7 +202,10 @@ class WorkerRuntime:
         with self._jobs_lock:
             self.jobs.add(job_id)
         try:
-            return self._run(job_id, kind, started)
+            status = self._run(job_id, kind, started)
+            if status == "gone":
+                self._resend_if_start_lost(job_id, dispatch)
+            return status
         except redis.RedisError as exc:
             return self._lost(job_id, exc)
         finally:
@@ -213,6 +216,15 @@ class WorkerRuntime:
                 if not self.jobs:
                     self.machine.to_if("generating", "loaded")
             self.last_active = time.monotonic()
+
+    def _resend_if_start_lost(self, job_id: str, dispatch: int) -> None:
+        """A job back to `queued` under this very dispatch lost our start with Redis's last
+        writes (a failover to a replica that had not got them): its message was taken by us,
+        so nothing would run it. Send it again (a second copy is refused by the start script)."""
+        record = self.store.get(job_id)
+        if record is not None and record["status"] == "queued" and record["dispatch"] == dispatch:
+            log.warning("job %s: Redis lost this worker's start of it; queued again", job_id)
+            self.resend(job_id)
 
     def _lost(self, job_id: str, exc: Exception) -> str:
         log.error("job %s: Redis unreachable for %.0fs (%s); left to the reaper", job_id,

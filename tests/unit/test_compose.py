@@ -91,3 +91,38 @@ def test_the_dockerfiles_copy_what_exists_and_run_our_cli():
         assert 'ENTRYPOINT ["tokenpool"]' in lines, dockerfile
     assert "download.pytorch.org/whl/cpu" in (ROOT / "Dockerfile").read_text()
     assert "-DGGML_CUDA=on" in (ROOT / "Dockerfile.cuda").read_text()
+
+
+def test_the_ha_override_gives_redis_a_replica_three_sentinels_and_every_service_sentinel():
+    ha = yaml.safe_load((ROOT / "docker-compose.ha.yml").read_text())
+    services = ha["services"]
+    sentinels = sorted(n for n in services if n.startswith("sentinel-"))
+    assert sentinels == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    for name in sentinels:
+        script = " ".join(services[name]["command"])
+        assert "sentinel monitor tokenpool redis 6379 2" in script  # a quorum of two
+        assert "--sentinel" in script
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1:] == ["redis", "6379"]
+    assert "--masterauth" in services["redis"]["command"]  # it may become a replica
+    for name in our_services():  # every tokenpool service of the base file
+        env = services[name]["environment"]
+        hosts = yaml.safe_load(env["TOKENPOOL_REDIS_SENTINEL__HOSTS"])
+        assert hosts == [f"{s}:26379" for s in sentinels], name
+        assert env["TOKENPOOL_REDIS_SENTINEL__MASTER"] == "tokenpool"
+        assert env["TOKENPOOL_REDIS_CONFIRM_REPLICAS"] == "1"
+
+
+def test_the_ha_environment_makes_settings_find_the_master_through_the_sentinels(monkeypatch):
+    from broker.connection import parse_sentinel
+    from broker.settings import Settings
+
+    ha = yaml.safe_load((ROOT / "docker-compose.ha.yml").read_text())
+    for key, value in ha["services"]["api"]["environment"].items():
+        monkeypatch.setenv(key, value.replace("${REDIS_PASSWORD:?set REDIS_PASSWORD}", "pw")
+                           .replace("${SENTINEL_PASSWORD:?set SENTINEL_PASSWORD}", "sp"))
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@redis:6379/0")  # the base file's, overridden
+    address = parse_sentinel(Settings().redis_address)
+    assert address is not None and address.master == "tokenpool"
+    assert address.sentinels == [(f"sentinel-{i}", 26379) for i in (1, 2, 3)]
+    assert (address.password, address.sentinel_password) == ("pw", "sp")

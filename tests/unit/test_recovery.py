@@ -36,3 +36,35 @@ def test_a_job_past_its_deadline_and_the_grace_fails_with_a_timeout():
     verdict = judge("j", "w", record, beat(["j"]), NOW, 10)
     assert verdict.action == "timeout" and "60.0s" in verdict.reason
     assert judge("j", "w", {**RECORD, "deadline": NOW - 9}, beat(["j"]), NOW, 10) is None
+
+
+class FakeInfo:
+    def __init__(self) -> None:
+        self.server = {"run_id": "a" * 40, "uptime_in_seconds": 3600}
+
+    def info(self, section: str) -> dict:
+        assert section == "server"
+        return self.server
+
+
+def test_the_reaper_waits_a_heartbeat_ttl_after_redis_becomes_another_server(monkeypatch):
+    import broker.recovery as recovery
+    from broker.settings import Settings
+
+    clock = [500.0]
+    monkeypatch.setattr(recovery.time, "monotonic", lambda: clock[0])
+    fake = FakeInfo()
+    reaper = recovery.Reaper(fake, None, None, Settings(heartbeat_ttl_s=10,
+                                                        heartbeat_interval_s=2), "w")
+    assert not reaper._redis_settled()  # just started: a TTL of its own first
+    clock[0] += 12.1
+    assert reaper._redis_settled()
+    fake.server = {"run_id": "b" * 40, "uptime_in_seconds": 7200}  # a replica promoted
+    assert not reaper._redis_settled()
+    clock[0] += 11.9
+    assert not reaper._redis_settled()
+    clock[0] += 0.2
+    assert reaper._redis_settled()
+    fake.server = {"run_id": "c" * 40, "uptime_in_seconds": 1}  # restarted: uptime decides
+    clock[0] += 100
+    assert not reaper._redis_settled()
