@@ -107,6 +107,8 @@ def chaos(runs: int) -> dict[str, list[float]]:
             if match:
                 found[name].append(float(match[1]))
         print(f"  chaos run {run + 1}: exit {done.returncode}", flush=True)
+        if done.returncode:
+            print("\n".join(done.stdout.splitlines()[-25:]), flush=True)
     return found
 
 

@@ -40,6 +40,7 @@ KEEPALIVE = {opt: value for opt, value in (("TCP_KEEPIDLE", 3), ("TCP_KEEPINTVL"
              if hasattr(socket, opt)}
 KEEPALIVE_OPTIONS = {getattr(socket, opt): value for opt, value in KEEPALIVE.items()}
 SOCKET_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
 BACKOFF_CAP_S = 1.0
 API_RETRIES = 3
 API_SPARE_CONNECTIONS = 64  # beside the followers' catch-up reads, for every other request
@@ -199,9 +200,9 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
 def worker_redis(url: str, retry_s: float, name: str) -> redis.Redis:
     return sync_redis(
         url, retry=Retry(_backoff(), retries_for(retry_s)), health_check_interval=30,
-        client_name=name, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S,
-        socket_keepalive=True, socket_keepalive_options=KEEPALIVE_OPTIONS,
-        max_connections=WORKER_MAX_CONNECTIONS,
+        client_name=name, socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=SOCKET_TIMEOUT_S, socket_keepalive=True,
+        socket_keepalive_options=KEEPALIVE_OPTIONS, max_connections=WORKER_MAX_CONNECTIONS,
     )
 
 

@@ -16,9 +16,10 @@ Right after Redis restarts every heartbeat may have expired while the workers ar
 the reaper waits until Redis has been up for a full heartbeat TTL before it judges anyone. The
 same after a Sentinel failover: the promoted replica has been up for long, but the workers
 could not beat while there was no master, so a reaper that sees another server (its run_id)
-than before waits a heartbeat TTL from then; so does a reaper that has just started (it may
-have started just after a failover). Every reaper looks at the server every round, its turn
-or not.
+than before waits from then a heartbeat TTL plus the time a worker's stuck connection takes
+to fail and reconnect (socket and connect timeouts: 27 s with the defaults); a reaper that has
+just started waits a heartbeat TTL (it may have started just after a failover). Every reaper
+looks at the server every round, its turn or not.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import redis
 from celery import Celery
 
 from broker.celery_app import send_job
+from broker.connection import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.store import JobStore
@@ -96,15 +98,18 @@ class Reaper:
     def _redis_settled(self) -> bool:
         info = self.redis.info("server")
         window_s = self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
+        # A live worker's threads may still be stuck on the old server's connections: they
+        # fail within SOCKET_TIMEOUT_S, reconnect (CONNECT_TIMEOUT_S a try) and beat again.
+        moved_s = window_s + SOCKET_TIMEOUT_S + CONNECT_TIMEOUT_S
         run_id, now = str(info.get("run_id", "")), time.monotonic()
         if self._server is None:  # a new reaper judges no one before a TTL of its own
-            self._server = (run_id, now)
+            self._server = (run_id, now - moved_s + window_s)
         elif self._server[0] != run_id:  # restarted, or another server after a failover
             log.warning("Redis is another server now (run_id %s); judging no worker for %.1fs",
-                        run_id[:8], window_s)
+                        run_id[:8], moved_s)
             self._server = (run_id, now)
         uptime_s = float(info.get("uptime_in_seconds", 0))
-        return uptime_s >= window_s and now - self._server[1] >= window_s
+        return uptime_s >= window_s and now - self._server[1] >= moved_s
 
     def _heartbeats(self, workers: set[str]) -> dict[str, dict[str, Any]]:
         names = sorted(workers)

@@ -61,7 +61,7 @@ def test_the_reaper_waits_a_heartbeat_ttl_after_redis_becomes_another_server(mon
     assert reaper._redis_settled()
     fake.server = {"run_id": "b" * 40, "uptime_in_seconds": 7200}  # a replica promoted
     assert not reaper._redis_settled()
-    clock[0] += 11.9
+    clock[0] += 26.9  # the TTL and interval, and a stuck connection's socket and connect timeouts
     assert not reaper._redis_settled()
     clock[0] += 0.2
     assert reaper._redis_settled()
