@@ -92,6 +92,12 @@ class SentinelAddress:
                 + (f"?{'&'.join(query)}" if query else ""))
 
 
+def parse_host_port(item: str, default_port: int = 26379) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets) as a pair."""
+    host, _, port = item.rpartition(":")
+    return host.strip("[]"), int(port or default_port)
+
+
 def parse_sentinel(url: str) -> SentinelAddress | None:
     """The Sentinel address in `url`, or None for a plain redis:// or rediss:// URL."""
     if not url.startswith(f"{SENTINEL_SCHEME}://"):
@@ -99,10 +105,7 @@ def parse_sentinel(url: str) -> SentinelAddress | None:
     parts = urlsplit(url)
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
-    sentinels = []
-    for item in hostlist.split(","):
-        host, _, port = item.rpartition(":")
-        sentinels.append((host.strip("[]"), int(port or 26379)))
+    sentinels = [parse_host_port(item) for item in hostlist.split(",")]
     master, _, db = parts.path.strip("/").partition("/")
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     tls: dict[str, Any] = {}

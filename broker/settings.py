@@ -162,11 +162,11 @@ class SentinelSpec(BaseModel):
         return self
 
     def url(self) -> str:
-        from broker.connection import SentinelAddress
+        """The address broker.connection reads (the hosts were checked by _ports)."""
+        from broker.connection import SentinelAddress, parse_host_port
 
-        pairs = [(h.rpartition(":")[0].strip("[]"), int(h.rpartition(":")[2])) for h in self.hosts]
-        return SentinelAddress(pairs, self.master, self.db, self.username, self.password,
-                               self.sentinel_password).url()
+        return SentinelAddress([parse_host_port(h) for h in self.hosts], self.master, self.db,
+                               self.username, self.password, self.sentinel_password).url()
 
 
 class Settings(BaseSettings):

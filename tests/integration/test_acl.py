@@ -15,7 +15,7 @@ import redis
 from broker.acl import api_rules, worker_rules
 from broker.redis_server import EmbeddedRedis, free_port
 from cli.supervisor import Supervisor, tokenpool_argv
-from tests.conftest import follow, stack_env
+from tests.conftest import follow, stack_env, wait_ready
 
 PREFIX = "tpacl"
 ADMIN_PASSWORD, API_PASSWORD, WORKER_PASSWORD = "admin-pw", "api-pw", "worker-pw"
@@ -52,16 +52,8 @@ def acl_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, E
     sup.start()
     api = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{api}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            dead = [c.name for c in sup.children if not c.alive()]
-            assert not dead and time.monotonic() < deadline, f"not ready; logs in {base}"
-            time.sleep(0.3)
+        with httpx.Client(base_url=api, timeout=30) as http:
+            wait_ready(http, sup, timeout_s=120)
         yield api, server
     finally:
         sup.stop()

@@ -4,7 +4,6 @@ only as warnings and errors."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -96,4 +95,3 @@ def test_the_worker_log_has_llama_cpp_warnings_only_and_no_stray_stderr(stack: S
     stray = re.compile(r"^(llama_|load|print_info|graph_|sched_|state_|set_abort)")
     assert not [line for line in log if stray.match(line)]
     assert not [line for line in log if "celery.redirected" in line and "llama" in line]
-    assert os.environ.get("LD_DEBUG") is None
