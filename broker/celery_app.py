@@ -151,7 +151,7 @@ def _forget_acks_on_lost(qos: Any) -> None:
 
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     keys = Keys(settings.key_prefix)
-    broker, sentinel_options = celery_broker(redis_url)
+    broker, sentinel_options, use_ssl = celery_broker(redis_url)
     app = Celery("tokenpool", broker=broker, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -185,6 +185,7 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
             **sentinel_options,
         },
         broker_connection_retry_on_startup=True,
+        broker_use_ssl=use_ssl,
         worker_consumer=f"{__name__}:QuickReconnectConsumer",
         worker_send_task_events=True,
         task_send_sent_event=False,  # a second message per job; Flower sees received onward

@@ -4,7 +4,9 @@ capped backoff, and find the current master through the Sentinels when there are
 One address names the Redis everywhere (settings, the REDIS_URL every child of `up` gets):
 a plain `redis://` or `rediss://` URL, or `redis+sentinel://[user:password@]host:port,host:port
 /master/db[?sentinel_password=…&ssl=1&ssl_ca_certs=…]`, which Settings builds from its
-`redis_sentinel` group. Every client of ours is made here, from that address.
+`redis_sentinel` group. TLS options travel in the address too (`ssl_ca_certs`, `ssl_certfile`,
+`ssl_keyfile`: Settings adds its `redis_tls_*` files), so a child process given only REDIS_URL
+verifies the same certificates. Every client of ours is made here, from that address.
 
 Every script a worker calls is idempotent (see broker.store), so a command retried after its
 reply was lost writes nothing twice. Workers retry for long (a token waits rather than a job
@@ -16,9 +18,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass, field
+import ssl
+from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -62,6 +65,10 @@ def _backoff() -> ExponentialWithJitterBackoff:
 
 
 SENTINEL_SCHEME = "redis+sentinel"
+# The files of a TLS connection, as redis-py and kombu name them: the CA that signs the
+# server's certificate, and the client's own certificate and key when the server asks for one
+# (Redis's default, `tls-auth-clients yes`).
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class SentinelAddress:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     sentinel_password: str | None = field(default=None, repr=False)
-    tls: dict[str, Any] = field(default_factory=dict)  # ssl=True and ssl_ca_certs, for both
+    tls: dict[str, Any] = field(default_factory=dict)  # ssl=True and TLS_FILES, for both
 
     def url(self) -> str:
         auth = ""
@@ -86,8 +93,8 @@ class SentinelAddress:
             query.append(f"sentinel_password={quote(self.sentinel_password, safe='')}")
         if self.tls:
             query.append("ssl=1")
-            if self.tls.get("ssl_ca_certs"):
-                query.append(f"ssl_ca_certs={quote(self.tls['ssl_ca_certs'], safe='')}")
+            query.extend(f"{key}={quote(str(self.tls[key]), safe='')}"
+                         for key in TLS_FILES if self.tls.get(key))
         return (f"{SENTINEL_SCHEME}://{auth}{hosts}/{quote(self.master, safe='')}/{self.db}"
                 + (f"?{'&'.join(query)}" if query else ""))
 
@@ -110,11 +117,29 @@ def parse_sentinel(url: str) -> SentinelAddress | None:
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     tls: dict[str, Any] = {}
     if query.get("ssl") in ("1", "true"):
-        tls = {"ssl": True, "ssl_ca_certs": query.get("ssl_ca_certs")}
+        tls = {"ssl": True, **{key: query[key] for key in TLS_FILES if query.get(key)}}
     return SentinelAddress(sentinels, unquote(master) or "mymaster", int(db or 0),
                            unquote(username) or None, unquote(password) or None,
                            query.get("sentinel_password"), tls)
 
+
+def with_tls(url: str, files: dict[str, str | None]) -> str:
+    """`url` with the TLS files (TLS_FILES keys -> paths) it does not name yet: in a rediss://
+    URL's query (with ssl_cert_reqs=required), or a TLS Sentinel address's. A URL without TLS
+    cannot take them: ValueError."""
+    given = {key: path for key, path in files.items() if path}
+    if not given:
+        return url
+    address = parse_sentinel(url)
+    if address is not None:
+        if not address.tls:
+            raise ValueError("TLS files need redis_sentinel.tls = true")
+        return replace(address, tls={**given, **address.tls}).url()
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        raise ValueError(f"TLS files need a rediss:// URL, not {parts.scheme}://")
+    query = {"ssl_cert_reqs": "required", **given, **dict(parse_qsl(parts.query))}
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 class _AskSentinels(redis.sentinel.SentinelManagedConnection):
     """redis-py 8 reconnects a dropped connection from `send_packed_command` through
@@ -183,12 +208,13 @@ def _sentinel_kwargs(address: SentinelAddress, kwargs: dict[str, Any]) -> dict[s
     return {**out, **address.tls}
 
 
-def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
-    """Celery's broker URL for `url` and the transport options it needs: kombu's Sentinel
-    transport (`sentinel://…;sentinel://…`, master_name) for a Sentinel address."""
+def celery_broker(url: str) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """Celery's broker URL for `url`, the transport options it needs (kombu's Sentinel
+    transport, `sentinel://…;sentinel://…` with master_name, for a Sentinel address) and its
+    `broker_use_ssl` (None without TLS; kombu reads a rediss:// URL's ssl_* query itself)."""
     address = parse_sentinel(url)
     if address is None:
-        return url, {}
+        return url, {}, None
     auth = (f"{quote(address.username or '', safe='')}:{quote(address.password, safe='')}@"
             if address.password else "")
     broker = ";".join(f"sentinel://{auth}{host}:{port}/{address.db}"
@@ -197,7 +223,11 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
     if address.sentinel_password:
         sentinel_kwargs["password"] = address.sentinel_password
     options: dict[str, Any] = {"master_name": address.master, "sentinel_kwargs": sentinel_kwargs}
-    return broker, options
+    use_ssl = None
+    if address.tls:  # the master's connections; sentinel_kwargs has the Sentinels' own
+        use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED,
+                   **{key: address.tls[key] for key in TLS_FILES if address.tls.get(key)}}
+    return broker, options, use_ssl
 
 
 def worker_redis(url: str, retry_s: float, name: str) -> redis.Redis:
@@ -235,14 +265,17 @@ def warn_if_unauthenticated(url: str) -> bool:
     if address is not None:
         hosts = [host for host, _ in address.sentinels]
         password = address.password
+        certificate = address.tls.get("ssl_certfile")
     else:
         parts = urlsplit(url)
         hosts, password = [parts.hostname or "localhost"], parts.password
+        certificate = dict(parse_qsl(parts.query)).get("ssl_certfile")
         if parts.scheme == "unix":
             return False
-    if password or all(_loopback(host) for host in hosts):
+    if password or certificate or all(_loopback(host) for host in hosts):
         return False
     log.warning("Redis at %s is reached over the network without a password: anyone who can "
                 "reach it can read every prompt and write any job. Set a password (or an ACL "
-                "user) in REDIS_URL or redis_sentinel.password", ", ".join(hosts))
+                "user) in REDIS_URL or redis_sentinel.password, or a client certificate "
+                "(redis_tls_cert_file)", ", ".join(hosts))
     return True

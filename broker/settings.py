@@ -152,6 +152,8 @@ class SentinelSpec(BaseModel):
     username: str | None = Field(None, description="the master's ACL user (unset: default)")
     password: str | None = Field(None, description="the master's (and replicas') password")
     sentinel_password: str | None = Field(None, description="the Sentinels' own password")
+    tls: bool = Field(False, description="TLS to the Sentinels and the master (the CA and "
+                      "client certificate: redis_tls_*)")
 
     @model_validator(mode="after")
     def _ports(self) -> SentinelSpec:
@@ -166,7 +168,8 @@ class SentinelSpec(BaseModel):
         from broker.connection import SentinelAddress, parse_host_port
 
         return SentinelAddress([parse_host_port(h) for h in self.hosts], self.master, self.db,
-                               self.username, self.password, self.sentinel_password).url()
+                               self.username, self.password, self.sentinel_password,
+                               {"ssl": True} if self.tls else {}).url()
 
 
 class Settings(BaseSettings):
@@ -185,6 +188,13 @@ class Settings(BaseSettings):
         None, description="a Sentinel-managed Redis instead of redis_url "
         "(TOKENPOOL_REDIS_SENTINEL__HOSTS='[\"10.0.0.1:26379\", …]', …__MASTER, …__PASSWORD)"
     )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="the CA that signs Redis's (and the Sentinels') certificate, for a "
+        "rediss:// URL or redis_sentinel.tls (unset: the system's CAs)")
+    redis_tls_cert_file: Path | None = Field(
+        None, description="this client's certificate, when Redis asks for one "
+        "(tls-auth-clients yes, Redis's default); with redis_tls_key_file")
+    redis_tls_key_file: Path | None = Field(None, description="that certificate's key")
     key_prefix: str = Field("tokenpool", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data_dir: Path = Field(Path("data"), description="embedded Redis data (AOF) and logs")
     cache_dir: Path = Field(
@@ -309,6 +319,20 @@ class Settings(BaseSettings):
             raise ValueError("job_timeout_s must not exceed max_job_timeout_s")
         return self
 
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("redis_tls_cert_file and redis_tls_key_file go together")
+        for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        try:
+            self.redis_address  # noqa: B018 (with_tls checks that the address can take them)
+        except ValueError as exc:
+            raise ValueError(f"redis_tls_ca_file/cert/key: {exc}") from None
+        return self
+
     def model(self, name: str) -> ModelSpec:
         return self.models[name]
 
@@ -316,4 +340,11 @@ class Settings(BaseSettings):
     def redis_address(self) -> str | None:
         """The one address every component reaches Redis by (broker.connection makes the
         clients): the Sentinel group's if set, else redis_url."""
-        return self.redis_sentinel.url() if self.redis_sentinel else self.redis_url
+        from broker.connection import TLS_FILES, with_tls
+
+        address = self.redis_sentinel.url() if self.redis_sentinel else self.redis_url
+        if address is None:
+            return None
+        files = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+        return with_tls(address, {key: str(path) for key, path in zip(TLS_FILES, files,
+                                                                       strict=True) if path})

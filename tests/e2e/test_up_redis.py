@@ -12,22 +12,11 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import follow
+from tests.conftest import chat_only_config, follow
 from tests.e2e.test_up import read_urls, start_up, stop_up, wait_status
 
-CONFIG = """
-key_prefix = "tpupredis"
-heartbeat_interval_s = 0.5
-heartbeat_ttl_s = 3
-sse_keepalive_s = 1
-[models.chat]
-n_ctx = 1024
-max_tokens = 256
-[models.summary]
-enabled = false
-[models.embed]
-enabled = false
-"""
+CONFIG = chat_only_config("tpupredis", n_ctx=1024, max_tokens=256,
+                          extra="sse_keepalive_s = 1\n")
 STORY = {"kind": "generate", "max_tokens": 120, "temperature": 0, "repeat_penalty": 1.0}
 
 

@@ -46,6 +46,12 @@ n_threads = 1  # two worker hosts share two cores
 enabled = false
 [models.embed]
 enabled = false
+[schedules.drain]  # fired only once a test starts beat
+action = "summarize_list"
+every_s = 1.0
+list_key = "{PREFIX}:inbox"
+model = "chat"
+max_tokens = 6
 """
 
 

@@ -4,6 +4,7 @@ Every job that got a 202 ends exactly once, every follower's stream is whole."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,8 +13,9 @@ from typing import Any
 import httpx
 
 from broker.messages import FINAL_TYPES
+from cli.supervisor import tokenpool_argv
 from tests.conftest import follow
-from tests.hosts.conftest import DOWN_AFTER_MS, HEARTBEAT_TTL_S, Pool, redis_argv
+from tests.hosts.conftest import DOWN_AFTER_MS, HEARTBEAT_TTL_S, PREFIX, Pool, redis_argv
 
 STORY = {"kind": "generate", "max_tokens": 64, "temperature": 0, "repeat_penalty": 1.0}
 
@@ -209,3 +211,39 @@ def test_the_redis_primary_host_dies_under_load_and_every_accepted_job_ends_once
     print(f"\nfailover: a new master {no_master_s:.1f}s after the primary's host died "
           f"(down-after-milliseconds {DOWN_AFTER_MS}); {len(records)} accepted jobs, 0 lost; "
           f"GET answered {sorted(answers)}; submits without a replica 503, then 202")
+
+
+def test_flower_and_beat_find_the_master_through_the_sentinels(pool):
+    """After the failover above, too: beat fires its schedule on the current master, and Flower
+    shows the live workers (a control broadcast) and the task that ran (task events)."""
+    api = pool.net.hosts["api"]
+    env = {**pool.env, "TOKENPOOL_FLOWER_USER": "operator", "TOKENPOOL_FLOWER_PASSWORD": "pw",
+           "TOKENPOOL_DATA_DIR": str(pool.dir / "beat")}
+    api.spawn(tokenpool_argv("beat"), env, pool.dir / "beat.log")
+    api.spawn(tokenpool_argv("flower", "--address", api.address, "--port", "5555"), env,
+              pool.dir / "flower.log")
+    client = pool.client()
+    try:
+        client.rpush(f"{PREFIX}:inbox", "Ticket 1: the printer is out of paper.",
+                     "Ticket 2: the VPN is slow.")
+        batch_id = wait_for(lambda: next(
+            (b.decode() for b in client.zrange(pool.keys.batches(), 0, -1)
+             if client.hget(pool.keys.batch(b.decode()), "schedule") == b"drain"), None),
+            90, "a batch fired by beat")
+        lines = wait_for(lambda: len(found := [json.loads(line) for line in httpx.get(
+            f"{pool.api}/v1/batches/{batch_id}/results", timeout=120).text.splitlines()]) == 2
+            and found, 120, "the batch's two results")
+    finally:
+        client.close()
+    assert [line["status"] for line in lines] == ["succeeded", "succeeded"], lines
+    flower = f"http://{api.address}:5555"
+    auth = ("operator", "pw")
+    live = set(pool.loaded_workers())
+    shown = wait_for(lambda: set(httpx.get(f"{flower}/api/workers?refresh=1", auth=auth,
+                                           timeout=30).json()) >= live and live, 60,
+                     f"Flower showing {live}")
+    tasks = wait_for(lambda: [t for t in httpx.get(f"{flower}/api/tasks", auth=auth,
+                                                   timeout=30).json().values()
+                              if t["name"] == "tokenpool.schedule"], 60,
+                     "Flower showing a schedule tick")
+    assert shown and tasks[0]["state"] in ("STARTED", "SUCCESS"), tasks[0]
