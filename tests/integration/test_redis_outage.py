@@ -50,7 +50,8 @@ JOB = "0" * 32
 BODIES = {
     "/v1/jobs": {"kind": "generate", "prompt": "Hi", "max_tokens": 4},
     "/v1/jobs/batch": {"jobs": [{"kind": "generate", "prompt": "Hi", "max_tokens": 4}]},
-    "/v1/batches": {"kind": "generate", "items": ["Hi"], "options": {"max_tokens": 4}},
+    "/v1/batches": {"kind": "summarize", "model": "chat", "items": [{"id": "a", "text": "Hi"}],
+                    "options": {"max_tokens": 4}},
     "/v1/chat/completions": {"model": "chat", "max_tokens": 4,
                              "messages": [{"role": "user", "content": "Hi"}]},
     "/v1/completions": {"model": "chat", "prompt": "Hi", "max_tokens": 4},
