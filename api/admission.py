@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 
 from api.errors import ApiError
+from broker.constraints import ConstraintError
 from broker.messages import MODEL_KIND_OF_JOB, EmbedJob, GenerateJob, SummarizeJob
 from broker.prompts import render_generate
 from broker.settings import ModelSpec, Settings
@@ -23,7 +24,7 @@ class Vocabularies:
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def count(self, spec: ModelSpec, text: str, special: bool) -> int:
+    def _vocab(self, spec: ModelSpec) -> Any:
         with self._lock:
             vocab = self._loaded.get(spec.source)
             if vocab is None:
@@ -32,7 +33,21 @@ class Vocabularies:
                 path = resolve(spec.source, self.cache_dir)
                 vocab = Llama(str(path), vocab_only=True, verbose=False)
                 self._loaded[spec.source] = vocab
-        return len(vocab.tokenize(text.encode(), add_bos=True, special=special))
+        return vocab
+
+    def count(self, spec: ModelSpec, text: str, special: bool) -> int:
+        return len(self._vocab(spec).tokenize(text.encode(), add_bos=True, special=special))
+
+    def grammar_parses(self, spec: ModelSpec, grammar: str) -> bool:
+        """Whether llama.cpp's grammar sampler takes `grammar` (as the worker's will)."""
+        import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self._vocab(spec)._model.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
 
 
 def model_for(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) -> ModelSpec:
@@ -102,12 +117,31 @@ async def check_context(job: GenerateJob, spec: ModelSpec, vocab: Vocabularies) 
     return n
 
 
+async def check_constraint(job: GenerateJob | SummarizeJob, spec: ModelSpec,
+                           vocab: Vocabularies) -> None:
+    """A schema the grammar cannot enforce, or a grammar llama.cpp cannot parse: a 400 naming
+    the field, now, never a failed job later."""
+    try:
+        grammar = job.constraint()
+    except ConstraintError as exc:
+        raise ApiError(400, "unsupported_schema", exc.message, exc.field) from None
+    if grammar is None:
+        return
+    if not await anyio.to_thread.run_sync(vocab.grammar_parses, spec, grammar):
+        field = "grammar" if job.grammar is not None else "response_format"
+        raise ApiError(400, "invalid_grammar", f"{field}: llama.cpp cannot parse this GBNF "
+                       "grammar (it needs a `root` rule; the API log has the parser's "
+                       "message)", field)
+
+
 async def admit(
     job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings, vocab: Vocabularies
 ) -> None:
     spec = model_for(job, settings)
     check_limits(job, spec)
     check_timeout(job, settings)
+    if not isinstance(job, EmbedJob):
+        await check_constraint(job, spec, vocab)
     if isinstance(job, GenerateJob):
         check_generate_limits(job, settings)
         await check_context(job, spec, vocab)

@@ -2,10 +2,11 @@
 shapes (chat completions, completions, embeddings; streamed as chunks ending `data: [DONE]`).
 
 The job is a normal one: it shows in `/v1/jobs`, its Redis stream and Flower; the reply's
-`X-Tokenpool-Job-Id` header names it. A client that hangs up cancels it. Parameters a model
-served here can't honour (n > 1, logprobs, tools, echo, suffix) are refused naming the
-parameter, not silently dropped; tokenpool's own ones (priority, timeout_s, top_k, min_p,
-repeat_penalty) are accepted as extras (`extra_body` in the openai package).
+`X-Tokenpool-Job-Id` header names it. A client that hangs up cancels it. Structured output
+(`response_format`), tools (api/tools.py) and logprobs are honoured; parameters a model served
+here can't honour (n > 1, echo, suffix) are refused naming the parameter, not silently
+dropped; tokenpool's own ones (priority, timeout_s, top_k, min_p, repeat_penalty) are
+accepted as extras (`extra_body` in the openai package).
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ from api.auth import check_model, enforce_quota, owner_of
 from api.errors import ApiError, field_name
 from api.jobs import job_record, parse_json, read_body, store_and_send
 from api.sse import CancelOnDisconnect
+from api.tools import (
+    Function,
+    Lenient,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    answer_schema,
+    call_text,
+    calls_of,
+    chosen,
+    with_tools,
+)
+from broker.constraints import ResponseFormat
 from broker.events import StreamedEvent
 from broker.messages import FINAL_TYPES, JOB_REQUEST, EmbedJob, GenerateJob
 
@@ -56,7 +70,7 @@ class _Sampled(_Request):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: Literal[1] = Field(1, description="one choice per request: a job is one sequence")
-    logprobs: Literal[False, None] = None
+    response_format: ResponseFormat | None = None
     # tokenpool's own, sent by an OpenAI client as extra_body
     priority: int | None = None
     timeout_s: float | None = None
@@ -66,48 +80,71 @@ class _Sampled(_Request):
 
     def job_fields(self) -> dict[str, Any]:
         names = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed",
-                 "stop", *EXTRAS)
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+                 "stop", "response_format", *EXTRAS)
+        fields = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        top = self.top_count()
+        return fields if top is None else {**fields, "logprobs": True, "top_logprobs": top}
+
+    def top_count(self) -> int | None:
+        """How many top log-probabilities each token wants (None: no logprobs at all)."""
+        return None
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ContentPart(Lenient):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+class Message(Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result answers this call
 
     def plain(self) -> dict[str, str]:
+        """Our chat message: tool results become user turns, earlier calls their JSON."""
         text = self.content if isinstance(self.content, str) else "\n".join(
-            part.text for part in self.content)
+            part.text for part in self.content or [])
+        if self.role == "tool":
+            return {"role": "user", "content": f"Result of tool call {self.tool_call_id}:\n{text}"}
+        if self.role == "assistant" and self.tool_calls:
+            return {"role": "assistant", "content": call_text(self.tool_calls)}
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(_Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = Field(None, max_length=0, description="not supported")
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError("only {\"type\": \"text\"} is supported")
-        return value
+    def top_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "invalid_request", "top_logprobs: needs logprobs: true",
+                           "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def functions(self) -> list[Function] | None:
+        """The functions the answer may call; None: an ordinary answer."""
+        functions = chosen(self.tools or [], self.tool_choice)
+        if functions is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ApiError(400, "invalid_request", "response_format: not with tools (the "
+                           "tools' answer is JSON of its own)", "response_format")
+        return functions
 
 
 class CompletionRequest(_Sampled):
     prompt: str | list[str]
     echo: Literal[False] = False
     suffix: None = None
-    logprobs: Literal[0, None] = None  # type: ignore[assignment]  # an int here, in OpenAI's API
+    logprobs: int | None = Field(None, ge=0, le=20, description="top log-probabilities")
+
+    def top_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -231,46 +268,84 @@ def usage_of(record: dict[str, Any]) -> dict[str, int]:
 
 
 class Shape:
-    """How one endpoint names and fills its objects (chat and plain completions differ)."""
+    """How one endpoint names and fills its objects (chat and plain completions differ; a
+    tools answer is JSON to turn into calls; logprobs when asked)."""
 
-    def __init__(self, job_id: str, model: str, chat: bool) -> None:
-        self.chat = chat
+    def __init__(self, job_id: str, model: str, chat: bool, tools: bool = False,
+                 logprobs: bool = False) -> None:
+        self.job_id, self.chat, self.tools, self.logprobs = job_id, chat, tools, logprobs
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job_id}",
                      "created": int(time.time()), "model": model}
 
-    def choice(self, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+    def choice(self, text: str | None, reason: str | None, first: bool = False,
+               logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": 0, "text": text or "", "finish_reason": reason,
+                    "logprobs": legacy_logprobs(logprobs) if self.logprobs else None}
         delta = ({"role": "assistant", "content": text or ""} if first
                  else {} if text is None else {"content": text})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": 0, "delta": delta, "finish_reason": reason,
+                "logprobs": {"content": logprobs or [], "refusal": None}
+                if self.logprobs and text is not None and not first else None}
 
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         body = {**self.head, "object": kind, "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n".encode()
 
-    def whole(self, record: dict[str, Any]) -> dict[str, Any]:
+    def answer(self, record: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]] | None,
+                                                      str]:
+        """(content, tool calls, finish reason) of a finished job."""
         text = str((record.get("result") or {}).get("text") or "")
         reason = finish_reason(record)
+        if not self.tools:
+            return text, None, reason
+        calls, content = calls_of(self.job_id, text)
+        return content, calls, "tool_calls" if calls and reason == "stop" else reason
+
+    def whole(self, record: dict[str, Any]) -> dict[str, Any]:
+        content, calls, reason = self.answer(record)
+        logprobs = (record.get("result") or {}).get("logprobs") or []
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": reason}
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "finish_reason": reason,
+                      "logprobs": {"content": logprobs, "refusal": None}
+                      if self.logprobs else None}
             kind = "chat.completion"
         else:
-            choice, kind = self.choice(text, reason), "text_completion"
+            choice = self.choice(content, reason, logprobs=logprobs)
+            kind = "text_completion"
         return {**self.head, "object": kind, "choices": [choice], "usage": usage_of(record)}
 
 
+def legacy_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The completions endpoint's older logprobs object, from per-token entries."""
+    entries = entries or []
+    offsets, at = [], 0
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in entries],
+            "text_offset": offsets}
+
+
 async def chunks(state: Any, job_id: str, shape: Shape, with_usage: bool) -> AsyncIterator[bytes]:
+    """A tools answer is JSON until it ends: its calls (or its answer) come as whole deltas
+    then, in OpenAI's chunk format; any other answer streams token by token."""
     if shape.chat:
         yield shape.chunk([shape.choice("", None, first=True)])
     keepalive_s = state.settings.sse_keepalive_s
     async for event in state.hub.follow(job_id, -1, keepalive_s):
         if event is None:
             yield b": keepalive\n\n"
-        elif event.type == "token":
-            yield shape.chunk([shape.choice(json.loads(event.data)["text"], None)])
+        elif event.type == "token" and not shape.tools:
+            data = json.loads(event.data)
+            yield shape.chunk([shape.choice(data["text"], None, logprobs=data.get("logprobs"))])
         elif event.type in FINAL_TYPES:
             async for tail in ending(state, job_id, shape, event, with_usage):
                 yield tail
@@ -286,7 +361,15 @@ async def ending(state: Any, job_id: str, shape: Shape, event: StreamedEvent,
         yield f"data: {json.dumps(body)}\n\n".encode()
         return
     record = await state.store.get(job_id) or {"status": "cancelled"}
-    yield shape.chunk([shape.choice(None, finish_reason(record))])
+    content, calls, reason = shape.answer(record)
+    if shape.tools and calls:
+        deltas = [{"index": i, **call, "function": dict(call["function"])}
+                  for i, call in enumerate(calls)]
+        yield shape.chunk([{"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None,
+                            "finish_reason": None}])
+    elif shape.tools and content:
+        yield shape.chunk([shape.choice(content, None)])
+    yield shape.chunk([shape.choice(None, reason)])
     if with_usage:
         yield shape.chunk([], usage=usage_of(record))
     yield b"data: [DONE]\n\n"
@@ -327,12 +410,25 @@ async def chat_completions(request: Request) -> Response:
     body = await parsed(request, ChatRequest)
     max_tokens = (body.max_completion_tokens or body.max_tokens
                   or default_max_tokens(request, body.model))
-    job: GenerateJob = as_job({
-        "kind": "generate", "model": body.model, "max_tokens": max_tokens,
-        "messages": [m.plain() for m in body.messages], **body.job_fields(),
-    })
-    job_id = await queue(request, job)
-    return await complete(request, job_id, Shape(job_id, body.model, chat=True), body)
+    messages, fields = [m.plain() for m in body.messages], body.job_fields()
+    functions = body.functions()
+    if functions is not None:
+        messages = with_tools(messages, body.tools or [])
+        fields["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "tool_calls",
+            "schema": answer_schema(functions, body.tool_choice, body.parallel_tool_calls)}}
+    job: GenerateJob = as_job({"kind": "generate", "model": body.model,
+                               "max_tokens": max_tokens, "messages": messages, **fields})
+    try:
+        job_id = await queue(request, job)
+    except ApiError as exc:  # the tools' schema is ours: name the tools, not response_format
+        if functions is not None and (exc.field or "").startswith("response_format"):
+            raise ApiError(exc.status, exc.type, "tools: a function's parameters: "
+                           f"{exc.message}", "tools") from None
+        raise
+    shape = Shape(job_id, body.model, chat=True, tools=functions is not None,
+                  logprobs=job.logprobs)
+    return await complete(request, job_id, shape, body)
 
 
 @openai_route
@@ -343,7 +439,8 @@ async def completions(request: Request) -> Response:
         "max_tokens": body.max_tokens or OPENAI_COMPLETIONS_MAX_TOKENS, **body.job_fields(),
     })
     job_id = await queue(request, job)
-    return await complete(request, job_id, Shape(job_id, body.model, chat=False), body)
+    shape = Shape(job_id, body.model, chat=False, logprobs=job.logprobs)
+    return await complete(request, job_id, shape, body)
 
 
 def encoded(vector: list[float], encoding: str) -> list[float] | str:

@@ -33,7 +33,7 @@ class FirstToken:
     def __init__(self, start: float) -> None:
         self.start, self.first = start, 0.0
 
-    def feed(self, piece: bytes) -> bool:
+    def feed(self, piece: bytes, logprob: object = None) -> bool:
         self.first = self.first or time.perf_counter() - self.start
         return True
 

@@ -28,7 +28,7 @@ from workers.llama_model import LlamaBackend
 class Unfed:
     """The sink of a request whose rows are sampled directly, never run by an engine."""
 
-    def feed(self, piece: bytes) -> bool:
+    def feed(self, piece: bytes, logprob: object = None) -> bool:
         raise AssertionError("sampled directly: nothing feeds this request")
 
     def flush(self) -> bool:

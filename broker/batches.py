@@ -16,9 +16,10 @@ from typing import Any, Literal, TypeVar, cast
 
 import redis
 from celery import Celery
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from broker.celery_app import bulk_groups, send_group
+from broker.constraints import ResponseFormat
 from broker.keys import Keys
 from broker.messages import JOB_REQUEST, EmbedJob, JobRequest, SummarizeJob
 from broker.settings import Settings
@@ -49,6 +50,8 @@ class BatchOptions(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**32)
     normalize: bool | None = None
     timeout_s: float | None = Field(None, gt=0)
+    response_format: ResponseFormat | None = Field(
+        None, description="summaries: JSON of a schema (or any object), for every item")
 
 
 class BatchSpec(BaseModel):
@@ -58,6 +61,12 @@ class BatchSpec(BaseModel):
     model: str | None = Field(None, min_length=1)
     priority: int = Field(BATCH_PRIORITY, ge=0, le=9)
     options: BatchOptions = BatchOptions()
+
+    @model_validator(mode="after")
+    def _constraint_for_text(self) -> BatchSpec:
+        if self.kind == "embed" and self.options.response_format is not None:
+            raise ValueError("options.response_format: embeddings are vectors, not text")
+        return self
 
     def model_name(self) -> str:
         """The model its jobs go to: the given one, else the job kind's default."""
@@ -86,7 +95,7 @@ def chunks(items: Iterable[T], size: int = CHUNK) -> Iterator[list[T]]:
 def progress(fields: dict[str, str], now: float) -> dict[str, Any]:
     """Counts, tokens, throughput and ETA from a batch hash."""
     n = {k: int(fields.get(k, 0)) for k in ("total", *ENDED, "started", "ended_started",
-                                             "tokens")}
+                                             "tokens", "valid", "invalid")}
     ended = sum(n[k] for k in ENDED)
     running = max(0, n["started"] - n["ended_started"])
     started_at = float(fields.get("first_started_at") or 0)
@@ -101,6 +110,8 @@ def progress(fields: dict[str, str], now: float) -> dict[str, Any]:
         "created_at": float(fields.get("created_at", 0)), "total": n["total"],
         "counts": {"queued": max(0, remaining - running), "running": running,
                    **{k: n[k] for k in ENDED}},
+        **({"output": {"valid": n["valid"], "invalid": n["invalid"]}}
+           if "response_format" in fields.get("options", "") else {}),
         "tokens": n["tokens"], "items_per_s": round(rate, 3),
         "tokens_per_s": round(n["tokens"] / elapsed, 2) if elapsed > 0 else 0.0,
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else (0.0 if finished

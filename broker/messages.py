@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from broker.constraints import MAX_GRAMMAR_CHARS, ResponseFormat, schema_grammar
+
 FINAL_TYPES = frozenset({"done", "error", "cancelled"})
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -29,7 +31,41 @@ class _Job(_Frozen):
     )
 
 
-class GenerateJob(_Job):
+class _Constrained(_Frozen):
+    """Output held to a JSON schema, any JSON object, or a GBNF grammar (broker.constraints)."""
+
+    response_format: ResponseFormat | None = None
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS,
+                                description="a GBNF grammar whose start rule is `root`")
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Any:
+        if self.grammar is not None and self.output_schema() is not None:
+            raise ValueError("give at most one of grammar or a JSON response_format")
+        if (self.response_format is not None and self.response_format.type == "json_schema"
+                and self.response_format.json_schema is None):
+            raise ValueError("response_format.json_schema is required with type json_schema")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must match (None: any text, or a grammar's)."""
+        return self.response_format.output_schema() if self.response_format else None
+
+    def constraint(self) -> str | None:
+        """The GBNF grammar the output is sampled under (None: free); ConstraintError names
+        the field that cannot be enforced."""
+        if self.grammar is not None:
+            return self.grammar
+        schema = self.output_schema()
+        if schema is None:
+            return None
+        where = ("response_format.json_schema.schema"
+                 if self.response_format and self.response_format.type == "json_schema"
+                 else "response_format")
+        return schema_grammar(schema, where)
+
+
+class GenerateJob(_Job, _Constrained):
     kind: Literal["generate"]
     model: str = Field("chat", min_length=1)
     prompt: str | None = None
@@ -44,6 +80,8 @@ class GenerateJob(_Job):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: once seen")
     seed: int | None = Field(None, ge=0, lt=2**32)
     stop: list[str] = Field(default_factory=list, max_length=16)
+    logprobs: bool = Field(False, description="each sampled token's log-probability")
+    top_logprobs: int = Field(0, ge=0, le=20, description="and this many most likely tokens")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -63,10 +101,12 @@ class GenerateJob(_Job):
             raise ValueError("give exactly one of prompt or messages")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt must not be empty")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
 
 
-class SummarizeJob(_Job):
+class SummarizeJob(_Job, _Constrained):
     kind: Literal["summarize"]
     model: str = Field("summary", min_length=1)
     text: str = Field(min_length=1)
@@ -123,6 +163,7 @@ class Requeued(_Event):
 class TokenEvent(_Event):
     type: Literal["token"] = "token"
     text: str
+    logprobs: list[dict[str, Any]] | None = None  # the tokens this text came from, when asked
 
 
 class Stage(_Event):
@@ -138,6 +179,7 @@ class Done(_Event):
     type: Literal["done"] = "done"
     usage: dict[str, int]
     timings: dict[str, float]
+    valid: bool | None = None  # a constrained job's: its output matched the schema
 
 
 class ErrorInfo(_Frozen):

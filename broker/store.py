@@ -71,6 +71,9 @@ local function count_final(metrics_key, hist_key, job_key, status, body)
   if status ~= 'succeeded' then return end
   local ok, event = pcall(cjson.decode, body)
   if not ok then return end
+  if bk and type(event.valid) == 'boolean' then
+    redis.call('HINCRBY', bk, event.valid and 'valid' or 'invalid', 1)
+  end
   if type(event.usage) == 'table' and tonumber(event.usage.completion_tokens) then
     local tokens = tonumber(event.usage.completion_tokens)
     redis.call('HINCRBY', metrics_key, 'tokens|' .. model, tokens)
@@ -460,15 +463,14 @@ class JobStore:
         keys, args = self.args.fail(job_id, error_type, message, attempt, seq)
         return _finished(self._finish(keys=keys, args=args))
 
-    def published_text(self, job_id: str) -> str:
-        """The text of every token event so far, in seq order: where a new attempt goes on."""
+    def published_tokens(self, job_id: str) -> list[dict[str, Any]]:
+        """Every token event so far, in seq order: where a new attempt goes on."""
         entries = cast(StreamEntries, self.redis.xrange(self.args.keys.events(job_id)))
-        texts = []
-        for _, fields in entries:
-            event = json.loads(fields[b"event"])
-            if event.get("type") == "token":
-                texts.append(event["text"])
-        return "".join(texts)
+        events = (json.loads(fields[b"event"]) for _, fields in entries)
+        return [event for event in events if event.get("type") == "token"]
+
+    def published_text(self, job_id: str) -> str:
+        return "".join(event["text"] for event in self.published_tokens(job_id))
 
     def running(self) -> dict[str, str]:
         """Job id -> worker, for every job with a running attempt."""

@@ -21,7 +21,8 @@ from broker.redis_server import EmbeddedRedis, free_port
 from cli.supervisor import Supervisor, tokenpool_argv
 
 PREFIX = "tptest"
-# Small contexts keep the real models quick: the summary model's 512 tokens force map-reduce.
+
+
 def chat_only_config(prefix: str, n_ctx: int = 512, max_tokens: int = 32, extra: str = "") -> str:
     """A config with just the chat model, quick heartbeats and its own key prefix."""
     return (f'key_prefix = "{prefix}"\nheartbeat_interval_s = 0.5\nheartbeat_ttl_s = 3\n{extra}'
@@ -29,6 +30,7 @@ def chat_only_config(prefix: str, n_ctx: int = 512, max_tokens: int = 32, extra:
             "[models.summary]\nenabled = false\n[models.embed]\nenabled = false\n")
 
 
+# Small contexts keep the real models quick: the summary model's 512 tokens force map-reduce.
 TEST_CONFIG = f"""
 key_prefix = "{PREFIX}"
 heartbeat_interval_s = 0.5

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from workers.engine import Sampling, Sink
+from workers.engine import Sampling, Sink, TokenLogprob
 
 log = logging.getLogger("tokenpool.batching")
 
@@ -56,6 +56,10 @@ class Backend(Protocol):
         ...
 
     def sample(self, request: Request, batch_index: int) -> int: ...
+
+    def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        """The sampled token's log-probability in row `batch_index`, and the `top` likeliest."""
+        ...
 
     def is_eog(self, token: int) -> bool: ...
 
@@ -340,8 +344,10 @@ class BatchEngine:
             self._finish(slot, None)
             return
         self._fed.append((slot, request))
+        top = request.sampling.logprobs
         try:
-            more = request.sink.feed(self.backend.piece(token))
+            logprob = None if top is None else self.backend.logprob(index, token, top)
+            more = request.sink.feed(self.backend.piece(token), logprob)
         except Exception as exc:  # a sink keeps its own errors; this is a bug in one
             self._finish(slot, exc)
             return

@@ -19,14 +19,22 @@ class Sampling:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    grammar: str | None = None  # GBNF: every sampled token keeps the text inside it
+    logprobs: int | None = None  # each token's log-probability and this many top ones
+    resumed: int = 0  # the last tokens of the context an earlier attempt sampled: the
+    # grammar has to have read them
+
+
+TokenLogprob = dict  # {"token", "logprob", "bytes", "top_logprobs": [{"token", ...}]}
 
 
 class Sink(Protocol):
     """Where a generation's sampled pieces go, in the thread that samples them (a batch
     engine's: one wakeup per step for all its jobs, not one per token in each job's thread)."""
 
-    def feed(self, piece: bytes) -> bool:
-        """One sampled token's bytes; False: generate no more (a stop, or an error it keeps)."""
+    def feed(self, piece: bytes, logprob: TokenLogprob | None = None) -> bool:
+        """One sampled token's bytes (and its log-probabilities, when the sampling asks);
+        False: generate no more (a stop, or an error it keeps)."""
         ...
 
     def flush(self) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 
 from workers.batching import BatchEngine, InvariantBatchEngine, Request, run_to_end
 from workers.candidates import top_superset
-from workers.engine import Sampling, Sink
+from workers.engine import Sampling, Sink, TokenLogprob
 
 log = logging.getLogger("tokenpool.llama")
 
@@ -33,6 +33,7 @@ class Chain:
     top: int | None  # the chain keeps at most this many highest logits (None: it may keep any)
     penalised: bool  # penalties lower the logits of the tokens in `history`
     history: deque[int] = field(default_factory=lambda: deque(maxlen=PENALTY_LAST_N))
+    grammar: Any = None  # a LlamaSampler holding only the job's grammar sampler
 
     def reach(self) -> int | None:
         """How many of the highest logits the chain can pick from: its top, plus every token
@@ -196,9 +197,10 @@ class LlamaBackend:
                 or self.C.llama_state_seq_set_data(dst, self._state, size, dst_seq) != size):
             raise RuntimeError(f"copying the cells of sequence {src_seq} failed")
 
-    def sampler_for(self, sampling: Sampling) -> Chain:
+    def sampler_for(self, request: Request) -> Chain:
         from llama_cpp import _internals
 
+        sampling = request.sampling
         chain = _internals.LlamaSampler()
         chain.add_penalties(self.n_vocab, PENALTY_LAST_N, sampling.repeat_penalty,
                             sampling.frequency_penalty, sampling.presence_penalty)
@@ -207,47 +209,127 @@ class LlamaBackend:
         top = chain_top(sampling) if self.shortcut else None
         if sampling.temperature == 0:
             chain.add_greedy()
-            return Chain(chain, top, penalised)
-        seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
-        chain.add_top_k(sampling.top_k)
-        chain.add_top_p(sampling.top_p, 1)
-        chain.add_min_p(sampling.min_p, 1)
-        chain.add_temp(sampling.temperature)
-        chain.add_dist(seed)
-        return Chain(chain, top, penalised)
+        else:
+            seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
+            chain.add_top_k(sampling.top_k)
+            chain.add_top_p(sampling.top_p, 1)
+            chain.add_min_p(sampling.min_p, 1)
+            chain.add_temp(sampling.temperature)
+            chain.add_dist(seed)
+        made = Chain(chain, top, penalised)
+        if sampling.grammar is not None:
+            made.grammar = self._grammar(sampling.grammar)
+            for token in request.tokens[len(request.tokens) - sampling.resumed:]:
+                self.C.llama_sampler_accept(made.grammar.sampler, token)
+        return made
+
+    def _grammar(self, grammar: str) -> Any:
+        from llama_cpp import _internals
+
+        pointer = self.C.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        if not pointer:  # the API checked it parses: a bug, or another llama.cpp
+            raise ValueError("llama.cpp cannot parse the job's grammar")
+        holder = _internals.LlamaSampler()
+        self.C.llama_sampler_chain_add(holder.sampler, pointer)  # freed with the holder
+        return holder
 
     def sample(self, request: Request, batch_index: int) -> int:
         """The request's chain picks the next token from row `batch_index` of the last decode:
         from a small superset of the logits it can pick (workers/candidates.py) where the
         chain allows, else from the whole vocabulary. Both pick the same token."""
         if request.sampler is None:
-            request.sampler = self.sampler_for(request.sampling)
+            request.sampler = self.sampler_for(request)
         chain = cast(Chain, request.sampler)
         reach = chain.reach()
-        token = None if reach is None else self._sample_among(chain, batch_index, reach)
+        token: int | None
+        if chain.grammar is not None:
+            token = self._sample_constrained(chain, batch_index, reach)
+        else:
+            token = None if reach is None else self._sample_among(chain, batch_index, reach)
         if token is None:
             token = int(self.C.llama_sampler_sample(chain.sampler.sampler, self.logits_ctx,
                                                     batch_index))
         chain.history.append(token)
         return token
 
+    def _row(self, batch_index: int) -> np.ndarray:
+        logits = self.C.llama_get_logits_ith(self.logits_ctx, batch_index)
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+
     def _sample_among(self, chain: Chain, batch_index: int, reach: int) -> int | None:
         """The chain's pick among a superset of the row's `reach` highest logits; None where
         no superset can be had (the caller samples the whole row)."""
-        logits = self.C.llama_get_logits_ith(self.logits_ctx, batch_index)
-        row = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        row = self._row(batch_index)
         ids = top_superset(row, reach)
         if ids is None:
             return None
+        return self._pick(chain, ids, row[ids], 0)
+
+    def _sample_constrained(self, chain: Chain, batch_index: int, reach: int | None) -> int:
+        """The chain's pick among the tokens the grammar allows. The grammar is asked about a
+        few dozen highest logits first, then about a thousand: when at least `reach` of
+        them are allowed, the chain's pick among them is its pick among every allowed token
+        (all tokens above the superset's threshold are in it; see workers/candidates.py).
+        Else, and at a grammar's end (only the end-of-generation token is allowed), the
+        grammar filters the whole vocabulary, as llama.cpp's own grammar path does."""
+        row = self._row(batch_index)
+        if reach is not None:
+            for k in (max(reach, 32), 1024):
+                ids = top_superset(row, k)
+                if ids is None:
+                    break
+                token = self._pick(chain, ids, row[ids], reach)
+                if token is not None:
+                    return token
+        token = self._pick(chain, np.arange(self.n_vocab, dtype=np.int32), row, 1)
+        if token is None:
+            raise ValueError("the grammar allows no token here")
+        return token
+
+    def _pick(self, chain: Chain, ids: np.ndarray, logits: np.ndarray,
+              need: int) -> int | None:
+        """The chain's pick among `ids` (after the grammar's filter, if the chain has one,
+        left at least `need` of them), accepted by the chain and the grammar; else None."""
         data = np.zeros(ids.shape[0], dtype=TOKEN_DATA)
-        data["id"], data["logit"] = ids, row[ids]
-        array = self.C.llama_token_data_array(
-            data=data.ctypes.data_as(ctypes.POINTER(self.C.llama_token_data)),
-            size=ids.shape[0], selected=-1, sorted=False)
+        data["id"], data["logit"] = ids, logits
+        if chain.grammar is not None:
+            self.C.llama_sampler_apply(chain.grammar.sampler, ctypes.byref(self._array(data)))
+            data = data[data["logit"] != -np.inf]
+            if data.shape[0] < max(need, 1):
+                return None
+        array = self._array(data)
         self.C.llama_sampler_apply(chain.sampler.sampler, ctypes.byref(array))
         token = int(array.data[array.selected].id)
         self.C.llama_sampler_accept(chain.sampler.sampler, token)
+        if chain.grammar is not None:
+            self.C.llama_sampler_accept(chain.grammar.sampler, token)
         return token
+
+    def _array(self, data: np.ndarray) -> Any:
+        return self.C.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(self.C.llama_token_data)),
+            size=data.shape[0], selected=-1, sorted=False)
+
+    def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        """From the model's own distribution (the row's softmax, before any sampler), as
+        OpenAI and llama-server report them."""
+        row = self._row(batch_index).astype(np.float64)
+        peak = row.max()
+        log_total = peak + np.log(np.exp(row - peak).sum())
+        entry = self._entry(token, float(row[token] - log_total))
+        if top:
+            best = np.argpartition(row, -top)[-top:]
+            best = best[np.argsort(-row[best], kind="stable")]
+            entry["top_logprobs"] = [self._entry(int(t), float(row[t] - log_total))
+                                     for t in best]
+        else:
+            entry["top_logprobs"] = []
+        return entry
+
+    def _entry(self, token: int, logprob: float) -> TokenLogprob:
+        piece = self.piece(token)
+        return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob,
+                "bytes": list(piece)}
 
     def is_eog(self, token: int) -> bool:
         return bool(self.C.llama_vocab_is_eog(self.vocab, token))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.constraints import validate_output
 from broker.messages import EmbedJob, GenerateJob, SummarizeJob
 from broker.prompts import Prompt, render_generate, render_summary
 from broker.settings import ModelSpec
@@ -31,8 +32,25 @@ def sampling_of(job: GenerateJob, stop: tuple[str, ...]) -> Sampling:
         max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
         top_k=job.top_k, min_p=job.min_p, repeat_penalty=job.repeat_penalty,
         frequency_penalty=job.frequency_penalty, presence_penalty=job.presence_penalty,
-        seed=job.seed, stop=stop,
+        seed=job.seed, stop=stop, grammar=job.constraint(),
+        logprobs=job.top_logprobs if job.logprobs else None,
     )
+
+
+def checked_output(job: GenerateJob | SummarizeJob, text: str,
+                   finish_reason: str) -> dict[str, Any]:
+    """What a constrained job's result adds: the parsed JSON when it matches the schema, or
+    why not. Output cut by `max_tokens` or the context is incomplete, never valid."""
+    schema = job.output_schema()
+    if schema is None:
+        return {}
+    if finish_reason == "length":
+        return {"json": None, "valid": False,
+                "invalid_reason": "incomplete: cut by max_tokens or the context"}
+    value, error = validate_output(text, schema)
+    if error is not None:
+        return {"json": None, "valid": False, "invalid_reason": error}
+    return {"json": value, "valid": True}
 
 
 def prompt_tokens(model: TextModel, prompt: Prompt) -> list[int]:
@@ -57,14 +75,24 @@ def run_generate(
     prompt = render_generate(job, spec.chat_format)
     context, gen = continued(model, prompt_tokens(model, prompt), resume)
     pieces = [resume]
+    sent = 0  # token log-probabilities already sent with a token event
 
     def emit(text: str) -> None:
+        nonlocal sent
         pieces.append(text)
-        out.token_later(text)
+        logprobs, sent = gen.logprobs[sent:] or None, len(gen.logprobs)
+        out.token_later(text, logprobs)
 
     generate_text(model, context, sampling_of(job, prompt.stop), gen, emit, out.settle)
+    text = "".join(pieces)
+    result = {"text": text, "finish_reason": gen.finish_reason,
+              **checked_output(job, text, gen.finish_reason)}
+    if job.logprobs:  # those of an earlier attempt's tokens came with its token events
+        earlier = [entry for event in (out.store.published_tokens(out.job_id) if resume else [])
+                   for entry in event.get("logprobs") or []]
+        result["logprobs"] = earlier[:len(earlier) - len(gen.logprobs)] + gen.logprobs
     return Outcome(
-        result={"text": "".join(pieces), "finish_reason": gen.finish_reason},
+        result=result,
         usage={"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},
     )
 
@@ -78,6 +106,7 @@ class _SummaryCalls:
         self.resume = resume  # the final call's text an earlier attempt already published
         self.instruction = summary_instruction(job.instructions)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.finish_reason = "stop"
 
     def overhead_tokens(self) -> int:
         prompt = render_summary(self.instruction, "", self.spec.chat_format)
@@ -88,7 +117,8 @@ class _SummaryCalls:
         resume = self.resume if final else ""
         context, gen = continued(self.model, prompt_tokens(self.model, prompt), resume)
         sampling = Sampling(max_tokens=max_tokens, temperature=self.job.temperature,
-                            seed=self.job.seed, stop=prompt.stop)
+                            seed=self.job.seed, stop=prompt.stop,
+                            grammar=self.job.constraint() if final else None)
         pieces = [resume]
         checked = gen.completion_tokens
 
@@ -102,6 +132,8 @@ class _SummaryCalls:
                 self.out.check_cancel()
 
         generate_text(self.model, context, sampling, gen, emit, self.out.settle)
+        if final:
+            self.finish_reason = gen.finish_reason
         self.usage["prompt_tokens"] += gen.prompt_tokens
         self.usage["completion_tokens"] += gen.completion_tokens
         return "".join(pieces)
@@ -121,7 +153,9 @@ def run_summarize(
         summarize_once=calls,
         on_stage=out.stage,
     )
-    return Outcome(result={"summary": summary, "parts": parts}, usage=calls.usage)
+    return Outcome(result={"summary": summary, "parts": parts,
+                           **checked_output(job, summary, calls.finish_reason)},
+                   usage=calls.usage)
 
 
 def run_embed(job: EmbedJob, model: EmbeddingModel, out: EventWriter) -> Outcome:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from workers.engine import Sampling, TextModel
+from workers.engine import Sampling, TextModel, TokenLogprob
 
 
 class StopFilter:
@@ -48,6 +48,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: str = "length"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the sampling asks
 
 
 class TextSink:
@@ -66,9 +67,11 @@ class TextSink:
         self.stopped = False
         self.error: Exception | None = None
 
-    def feed(self, piece: bytes) -> bool:
+    def feed(self, piece: bytes, logprob: TokenLogprob | None = None) -> bool:
         try:
             self.gen.completion_tokens += 1
+            if logprob is not None:
+                self.gen.logprobs.append(logprob)
             text, self.stopped = self.stops.feed(self.decoder.decode(piece))
             if text:
                 self.emit(text)
@@ -120,5 +123,5 @@ def generate_text(
         return
     gen.finish_reason = "stop"
     sink = TextSink(budget, sampling, gen, emit, settle)
-    model.generate(prompt_tokens, sampling, sink)
+    model.generate(prompt_tokens, replace(sampling, resumed=gen.completion_tokens), sink)
     sink.finish()

@@ -107,12 +107,12 @@ class EventWriter:
         self.token_later(text)
         self.settle()
 
-    def token_later(self, text: str) -> None:
+    def token_later(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> None:
         """A token event queued, not yet sent: a batch engine settles every job's tokens of a
         step in one round trip. The answer of the one before is checked first."""
         if self.first_token_at is None:
             self.first_token_at = time.time()
-        self._append(TokenEvent(job=self.job_id, text=text))
+        self._append(TokenEvent(job=self.job_id, text=text, logprobs=logprobs))
         if self.on_token is not None:
             self.on_token()
 
@@ -154,7 +154,7 @@ class EventWriter:
     def succeed(self, result: dict[str, Any], usage: dict[str, int]) -> None:
         self._drain()
         timings = self.timings(usage.get("completion_tokens", 0))
-        done = Done(job=self.job_id, usage=usage, timings=timings)
+        done = Done(job=self.job_id, usage=usage, timings=timings, valid=result.get("valid"))
         self._final(lambda seq: self.store.finish(
             self.job_id, done, "succeeded", self.attempt, seq, result=result, usage=usage,
             timings=timings))

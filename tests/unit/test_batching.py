@@ -67,7 +67,7 @@ class Collect:
         self.got: list[bytes] = []
         self.stop_after = stop_after
 
-    def feed(self, piece: bytes) -> bool:
+    def feed(self, piece: bytes, logprob: object = None) -> bool:
         self.got.append(piece)
         return len(self.got) < self.stop_after
 
@@ -342,7 +342,7 @@ class RecordingSink:
         self.got: list[bytes] = []
         self.thread = ""
 
-    def feed(self, piece: bytes) -> bool:
+    def feed(self, piece: bytes, logprob: object = None) -> bool:
         self.thread = threading.current_thread().name
         self.got.append(piece)
         self.log.append(("feed", self.name, len(self.got)))

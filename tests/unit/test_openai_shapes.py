@@ -19,19 +19,24 @@ def test_developer_messages_become_system_and_text_parts_are_joined() -> None:
     assert message.plain() == {"role": "system", "content": "one\ntwo"}
 
 
-def test_image_parts_and_tool_messages_are_refused() -> None:
+def test_image_parts_are_refused_and_tool_turns_become_text_the_model_reads() -> None:
     with pytest.raises(ValidationError):
         Message.model_validate({"role": "user", "content": [{"type": "image_url"}]})
-    with pytest.raises(ValidationError):
-        Message.model_validate({"role": "tool", "content": "x"})
+    result = Message.model_validate({"role": "tool", "content": "21 C", "tool_call_id": "c1"})
+    assert result.plain() == {"role": "user", "content": "Result of tool call c1:\n21 C"}
+    call = Message.model_validate({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]})
+    assert json.loads(call.plain()["content"]) == {
+        "tool_calls": [{"name": "weather", "arguments": {"city": "Oslo"}}]}
 
 
 def test_unknown_openai_fields_are_ignored_but_unsupported_ones_refused() -> None:
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "user": "u1",
             "metadata": {"a": "b"}}
     assert ChatRequest.model_validate(body).job_fields() == {}
-    for bad in ({"n": 3}, {"logprobs": True}, {"tools": [{"type": "function"}]},
-                {"response_format": {"type": "json_object"}}):
+    for bad in ({"n": 3}, {"tools": [{"type": "function"}]},
+                {"response_format": {"type": "xml"}}, {"top_logprobs": 21}):
         with pytest.raises(ValidationError):
             ChatRequest.model_validate(body | bad)
     with pytest.raises(ValidationError):
