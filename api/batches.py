@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from api.admission import admit
 from api.auth import check_model, enforce_quota, may_see, owner_of
-from api.errors import ApiError, field_name, from_validation
+from api.errors import REDIS_RETRY_AFTER_S, ApiError, field_name, from_validation
 from api.jobs import JOB_ID, parse_json, read_body
 from api.sse import sse_message
 from broker.batches import CHUNK, BatchItem, BatchOptions, BatchSpec, progress
@@ -125,7 +125,7 @@ async def create_batch(request: Request) -> JSONResponse:
             functools.partial(state.batches.create, parsed.spec, jobs(), **owner))
     except Exception as exc:
         raise ApiError(503, "unavailable", f"the batch could not be queued ({type(exc).__name__});"
-                       " retry later") from None
+                       " retry later", None, {"Retry-After": str(REDIS_RETRY_AFTER_S)}) from None
     return JSONResponse({"id": batch_id, "status": "running", "total": len(parsed.raw_items),
                          "links": progress({"id": batch_id}, 0)["links"]}, 202)
 

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from api.admission import admit
 from api.auth import check_model, enforce_quota, may_see, owner_of
-from api.errors import ApiError, from_validation, not_found
+from api.errors import REDIS_RETRY_AFTER_S, ApiError, from_validation, not_found
 from api.sse import event_stream
 from broker.celery_app import send_job
 from broker.messages import FINAL_STATUSES, JOB_REQUEST, JobRequest
@@ -164,7 +164,8 @@ async def enqueue(state: Any, job_id: str, kind: str, model: str, priority: int)
     except Exception as exc:
         log.error("job %s: enqueue failed: %s", job_id, exc)
         await state.store.fail(job_id, "enqueue_failed", "the job could not be queued")
-        raise ApiError(503, "unavailable", "the queue is unavailable; retry later") from None
+        raise ApiError(503, "unavailable", "the queue is unavailable; retry later", None,
+                       {"Retry-After": str(REDIS_RETRY_AFTER_S)}) from None
 
 
 async def visible_record(request: Request, job_id: str) -> dict[str, Any]:
