@@ -28,6 +28,7 @@ from api import (
     openai_compat,
     openapi,
     ops,
+    responses,
     workers,
 )
 from api.accesslog import AccessLog
@@ -128,7 +129,8 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
 
     return Starlette(
         routes=[*ops.routes, *auth.routes, *batch.routes, *batches.routes, *jobs.routes,
-                *deadletters.routes, *openai_compat.routes, *workers.routes, *metrics.routes,
+                *deadletters.routes, *openai_compat.routes, *responses.routes,
+                *workers.routes, *metrics.routes,
                 *openapi.routes],
         lifespan=lifespan,
         middleware=[Middleware(AccessLog), Middleware(KeyAuth)],

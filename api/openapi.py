@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.openai_compat import ChatRequest, CompletionRequest, EmbeddingRequest
+from api.responses import ResponseRequest
 from api.workers import LoadModel, Unload
 from broker.batches import BatchItem, BatchOptions, BatchSpec
 from broker.messages import JobRequest
@@ -105,6 +106,19 @@ def document() -> dict[str, Any]:
                                        body=schema_of(CompletionRequest, c))},
         "/v1/embeddings": {"post": op("OpenAI embeddings",
                                       body=schema_of(EmbeddingRequest, c))},
+        "/v1/responses": {"post": op("OpenAI Responses: create (a generate job)",
+                                     body=schema_of(ResponseRequest, c))},
+        "/v1/responses/{response_id}": {
+            "get": op("a response (?stream=true&starting_after=N: its events)",
+                      params=["response_id"]),
+            "delete": op("delete a response", params=["response_id"])},
+        "/v1/responses/{response_id}/cancel": {"post": op("cancel a response",
+                                                          params=["response_id"])},
+        "/v1/responses/{response_id}/input_items": {"get": op("a response's input items",
+                                                              params=["response_id"])},
+        "/v1/responses/{response_id}/export": {"get": op(
+            "the conversation up to a response (JSONL)", params=["response_id"],
+            media="application/jsonl")},
         "/metrics": {"get": op("Prometheus metrics", media="text/plain")},
     }
     return {"openapi": "3.1.0",

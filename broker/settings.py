@@ -229,6 +229,10 @@ class Settings(BaseSettings):
     max_batch_jobs: int = Field(1000, ge=1, description="most jobs in one POST /v1/jobs/batch")
     job_ttl_s: int = Field(86_400, ge=1, description="job record and stream life after it ends")
     live_ttl_s: int = Field(7 * 86_400, ge=60, description="life of a job not yet ended")
+    responses_ttl_s: int = Field(
+        30 * 86_400, ge=60, description="life of a stored /v1/responses response (its job, "
+        "stream and conversation) after it ends; OpenAI keeps them 30 days"
+    )
     stream_maxlen: int = Field(100_000, ge=100, description="events kept per job stream")
     idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key holds")
     visibility_timeout_s: int = Field(

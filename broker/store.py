@@ -100,6 +100,10 @@ local function seal(job_key, stream_key, ttl)
   redis.call('EXPIRE', job_key, ttl)
   redis.call('EXPIRE', stream_key, ttl)
 end
+-- An ended job keeps the life its record asks for (a stored response's), else job_ttl_s.
+local function seal_final(job_key, stream_key, ttl)
+  seal(job_key, stream_key, redis.call('HGET', job_key, 'keep_s') or ttl)
+end
 """
 
 # KEYS: job, stream[, idempotency]  ARGV: channel, body, maxlen, live_ttl, idem_ttl, id, fields…
@@ -178,7 +182,7 @@ local seq = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 redis.call('HSET', KEYS[1], 'status', ARGV[5], unpack(ARGV, 8))
 count_final(KEYS[4], KEYS[5], KEYS[1], ARGV[5], ARGV[2])
 redis.call('HDEL', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
-seal(KEYS[1], KEYS[2], ARGV[4])
+seal_final(KEYS[1], KEYS[2], ARGV[4])
 return seq
 """
 
@@ -191,7 +195,7 @@ if st == 'queued' then
   append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[5])
   count_final(KEYS[3], KEYS[4], KEYS[1], 'cancelled', '')
-  seal(KEYS[1], KEYS[2], ARGV[4])
+  seal_final(KEYS[1], KEYS[2], ARGV[4])
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
@@ -215,7 +219,7 @@ if cancel == '1' then
   append(KEYS[1], KEYS[2], ARGV[1], ARGV[12], ARGV[2])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[6])
   count_final(KEYS[5], KEYS[6], KEYS[1], 'cancelled', '')
-  seal(KEYS[1], KEYS[2], ARGV[7])
+  seal_final(KEYS[1], KEYS[2], ARGV[7])
   return {'cancelled'}
 end
 if tonumber(att) >= tonumber(ARGV[5]) then
@@ -223,7 +227,7 @@ if tonumber(att) >= tonumber(ARGV[5]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[11], 'finished_at', ARGV[6])
   redis.call('ZADD', KEYS[4], ARGV[6], ARGV[13])
   count_final(KEYS[5], KEYS[6], KEYS[1], 'failed', '')
-  seal(KEYS[1], KEYS[2], ARGV[8])
+  seal_final(KEYS[1], KEYS[2], ARGV[8])
   return {'dead'}
 end
 local dispatch = redis.call('HINCRBY', KEYS[1], 'dispatch', 1)
@@ -233,7 +237,7 @@ return {'requeued', dispatch}
 """
 
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
-_JSON_FIELDS = ("request", "result", "error", "usage", "timings")
+_JSON_FIELDS = ("request", "result", "error", "usage", "timings", "response")
 _FLOAT_FIELDS = ("created_at", "started_at", "attempt_started_at", "finished_at", "deadline",
                  "timeout_s")
 

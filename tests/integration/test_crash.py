@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 
 from broker.redis_server import EmbeddedRedis
 from tests.conftest import Stack, running_stack
+from tests.integration.test_responses import assert_in_order
 
 PREFIX = "tpcrash"
 CONFIG = f"""
@@ -171,6 +173,27 @@ def test_a_worker_killed_mid_generation_is_replaced_and_the_stream_goes_on_witho
     # not start over (a restart would have spent the whole budget again).
     assert job["usage"]["completion_tokens"] <= STORY["max_tokens"]
     assert job["result"]["text"].startswith(before)
+
+
+def test_a_worker_killed_mid_response_leaves_the_responses_stream_exact(crash):
+    """The Responses stream is derived from the job's: a SIGKILL mid-response shows no seam."""
+    ready(crash)
+    client = openai.OpenAI(base_url=f"{crash.url}/v1", api_key="unused", max_retries=0,
+                           timeout=120)
+    made = client.responses.create(model="chat", input=STORY["prompt"], background=True,
+                                   max_output_tokens=160, temperature=0,
+                                   extra_body={"seed": 3, "repeat_penalty": 1.0})
+    job_id = made.id.removeprefix("resp_")
+    follower = in_background(lambda: list(client.responses.retrieve(made.id, stream=True)))
+    first = started_attempt(crash, job_id, 1, min_tokens_after=15)
+    os.kill(pid_of(first["worker"]), signal.SIGKILL)
+
+    events = follower.result(timeout=120)
+    job = final_job(crash, job_id, 90)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert assert_in_order(events) == job["result"]["text"] == tokens_of(crash.stream(job_id))
+    again = list(client.responses.retrieve(made.id, stream=True))
+    assert [e.to_dict() for e in again] == [e.to_dict() for e in events]
 
 
 def test_a_worker_that_stalls_loses_its_job_and_its_late_writes_are_refused(crash):

@@ -149,6 +149,26 @@ def test_a_key_sees_only_its_own_jobs_and_batches(open_stack: Stack,
     assert http.get(f"/v1/batches/{batch}", headers=alice).status_code == 200
 
 
+def test_a_key_sees_and_continues_only_its_own_responses(open_stack: Stack,
+                                                         tokens: dict[str, str]) -> None:
+    http, alice, bob = open_stack.http, bearer(tokens["alice"]), bearer(tokens["bob"])
+    made = http.post("/v1/responses", headers=alice, json={
+        "model": "chat", "input": "Say hi.", "max_output_tokens": 4, "background": True})
+    assert made.status_code == 200, made.text
+    rid = made.json()["id"]
+    for method, path in (("GET", f"/v1/responses/{rid}"), ("DELETE", f"/v1/responses/{rid}"),
+                         ("POST", f"/v1/responses/{rid}/cancel"),
+                         ("GET", f"/v1/responses/{rid}/input_items"),
+                         ("GET", f"/v1/responses/{rid}/export")):
+        reply = http.request(method, path, headers=bob)
+        assert reply.status_code == 404, (method, path, reply.text)
+    hijack = http.post("/v1/responses", headers=bob, json={
+        "model": "chat", "input": "And then?", "previous_response_id": rid})
+    assert hijack.status_code == 404
+    assert hijack.json()["error"]["param"] == "previous_response_id"
+    assert http.get(f"/v1/responses/{rid}", headers=alice).json()["id"] == rid
+
+
 def test_a_key_limited_to_some_models_is_refused_others(open_stack: Stack,
                                                         tokens: dict[str, str]) -> None:
     reply = open_stack.http.post("/v1/jobs", headers=bearer(tokens["bob"]),

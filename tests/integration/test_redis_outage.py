@@ -56,6 +56,7 @@ BODIES = {
                              "messages": [{"role": "user", "content": "Hi"}]},
     "/v1/completions": {"model": "chat", "prompt": "Hi", "max_tokens": 4},
     "/v1/embeddings": {"model": "chat", "input": "Hi"},
+    "/v1/responses": {"model": "chat", "input": "Hi", "max_output_tokens": 4},
     "/v1/workers/{name}/model": {"model": "chat"},
 }
 
@@ -96,7 +97,8 @@ def walk_routes(stack: Stack, headers: dict[str, str]) -> dict[str, tuple[int, d
     answers = {}
     for route in app.routes:
         for method in sorted(set(route.methods or ()) - {"HEAD"}):
-            path = route.path.format(job_id=JOB, batch_id=JOB, name="chat-cpu-1@host")
+            path = route.path.format(job_id=JOB, batch_id=JOB, name="chat-cpu-1@host",
+                                     response_id=f"resp_{JOB}")
             body = BODIES.get(route.path) if method == "POST" else None
             reply = stack.http.request(method, path, json=body, headers=headers, timeout=30)
             try:
@@ -124,7 +126,7 @@ def assert_unavailable(answers: dict[str, tuple[int, dict, dict]], refused: bool
         if refused and status == 401:
             continue
         assert status == 503, (name, status, body)
-        assert int(headers["retry-after"]) > 0, (name, headers)
+        assert int(headers.get("retry-after", 0)) > 0, (name, headers, body)
         assert body["error"]["type"] == "unavailable", (name, body)
 
 
