@@ -39,10 +39,14 @@ def redis_url_of(settings: Settings) -> str:
 @cli.command()
 def up(log_level: str = typer.Option("INFO", help="log level")) -> None:
     """Run everything on this machine: Redis (embedded unless REDIS_URL), workers, API, Flower."""
-    from cli.up import run_up
+    from cli.up import NotStartable, run_up
 
     setup_logging(log_level)
-    run_up(Settings())
+    try:
+        run_up(Settings())
+    except NotStartable as exc:
+        typer.echo(f"tokenpool up: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @cli.command()
