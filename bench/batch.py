@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.record import recorded
 from bench.stack import start_stack, wait_ready
 from broker.prompts import render_summary
 from broker.redis_server import EmbeddedRedis, free_port
@@ -94,13 +95,14 @@ def main() -> None:
         print(f"tokenpool: {api_rate:.1f} documents/min")
         return
     loop_rate = in_process(docs, args.max_tokens, settings)
-    print(f"batch summarisation: {args.docs} documents, max_tokens {args.max_tokens}, greedy")
-    print(f"in-process loop (llama-cpp-python, one at a time): {loop_rate:.1f} documents/min")
-    print(f"tokenpool POST /v1/batches (one summary worker):   {api_rate:.1f} documents/min")
-    print(f"ratio tokenpool / loop: {api_rate / loop_rate:.2f}")
-    print(json.dumps({"docs_per_min_loop": round(loop_rate, 1),
-                      "docs_per_min_tokenpool": round(api_rate, 1),
-                      "ratio": round(api_rate / loop_rate, 3)}))
+    with recorded("batch"):
+        print(f"batch summarisation: {args.docs} documents, max_tokens {args.max_tokens}, greedy")
+        print(f"in-process loop (llama-cpp-python, one at a time): {loop_rate:.1f} documents/min")
+        print(f"tokenpool POST /v1/batches (one summary worker):   {api_rate:.1f} documents/min")
+        print(f"ratio tokenpool / loop: {api_rate / loop_rate:.2f}")
+        print(json.dumps({"docs_per_min_loop": round(loop_rate, 1),
+                          "docs_per_min_tokenpool": round(api_rate, 1),
+                          "ratio": round(api_rate / loop_rate, 3)}))
 
 
 if __name__ == "__main__":

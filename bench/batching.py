@@ -43,6 +43,7 @@ import httpx
 import psutil
 
 from bench.llama_server import ensure_llama_server, library_env
+from bench.record import recorded, result_name
 from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
@@ -348,7 +349,8 @@ def main() -> None:
             server.stop()
             sup.stop()
             redis_server.stop()
-    report(table, prefix, invariant, args)
+    with recorded(result_name("batching", args.gpu)):
+        report(table, prefix, invariant, args)
 
 
 if __name__ == "__main__":

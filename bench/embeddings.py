@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
+from bench.record import recorded, result_name
 from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
@@ -140,15 +141,17 @@ def main() -> None:
             server.stop()
     base = statistics.median(theirs)
     one, many = statistics.median(batched), statistics.median(each)
-    print(f"embeddings: {args.jobs} single-text jobs, {args.rounds} rounds (median), "
-          f"max_batch {max_batch}, batch_wait_ms {spec.batch_wait_ms:g}, "
-          f"{'CPU' if args.gpu == 'cpu' else f'GPU {args.gpu}'}")
-    print(f"direct encode {base:.0f} texts/s")
-    print(f"tokenpool, one POST /v1/jobs/batch: {one:.0f} texts/s, ratio {one / base:.3f} "
-          f"(target >= 0.5)")
-    print(f"tokenpool, one POST per job:        {many:.0f} texts/s, ratio {many / base:.3f}")
-    print(json.dumps({"ratio_batch_post": round(one / base, 3),
-                      "ratio_post_per_job": round(many / base, 3), "direct": round(base)}))
+    with recorded(result_name("embeddings", args.gpu)):
+        print(f"embeddings: {args.jobs} single-text jobs, {args.rounds} rounds (median), "
+              f"max_batch {max_batch}, batch_wait_ms {spec.batch_wait_ms:g}, "
+              f"{'CPU' if args.gpu == 'cpu' else f'GPU {args.gpu}'}")
+        print(f"direct encode {base:.0f} texts/s")
+        print(f"tokenpool, one POST /v1/jobs/batch: {one:.0f} texts/s, ratio {one / base:.3f} "
+              f"(target >= 0.5)")
+        print(f"tokenpool, one POST per job:        {many:.0f} texts/s, ratio {many / base:.3f}")
+        print(json.dumps({"ratio_batch_post": round(one / base, 3),
+                          "ratio_post_per_job": round(many / base, 3), "direct": round(base)}))
+
 
 if __name__ == "__main__":
     main()

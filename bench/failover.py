@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.record import recorded
 from broker.redis_server import EmbeddedRedis, free_port
 from cli.supervisor import Supervisor, tokenpool_argv
 
@@ -119,20 +120,23 @@ def main() -> None:
     args = parser.parse_args()
     times = submit_latency(args.jobs)
     plain, confirm = times["plain"], times["confirm"]
-    print(f"\nsubmit latency, {args.jobs} POST /v1/jobs each, alternating (one replica, loopback):")
-    for name, values in times.items():
-        print(f"  {name:8} p50 {1000 * p(values, 50):6.2f} ms   p99 {1000 * p(values, 99):6.2f} ms")
-    print(f"  confirm / plain: p50 {p(confirm, 50) / p(plain, 50):.2f}x, "
-          f"p99 {p(confirm, 99) / p(plain, 99):.2f}x")
-    if args.chaos_runs:
-        found = chaos(args.chaos_runs)
-        print(f"\nmulti-host chaos, {args.chaos_runs} runs (min / median / max):")
-        for name, values in found.items():
-            if values:
-                print(f"  {name:18} {min(values):6.1f} {statistics.median(values):6.1f} "
-                      f"{max(values):6.1f}   ({len(values)} runs)")
-            else:
-                print(f"  {name:18} not measured (see the test output)")
+    with recorded("failover"):
+        print(f"\nsubmit latency, {args.jobs} POST /v1/jobs each, alternating "
+              "(one replica, loopback):")
+        for name, values in times.items():
+            print(f"  {name:8} p50 {1000 * p(values, 50):6.2f} ms   "
+                  f"p99 {1000 * p(values, 99):6.2f} ms")
+        print(f"  confirm / plain: p50 {p(confirm, 50) / p(plain, 50):.2f}x, "
+              f"p99 {p(confirm, 99) / p(plain, 99):.2f}x")
+        if args.chaos_runs:
+            found = chaos(args.chaos_runs)
+            print(f"\nmulti-host chaos, {args.chaos_runs} runs (min / median / max):")
+            for name, values in found.items():
+                if values:
+                    print(f"  {name:18} {min(values):6.1f} {statistics.median(values):6.1f} "
+                          f"{max(values):6.1f}   ({len(values)} runs)")
+                else:
+                    print(f"  {name:18} not measured (see the test output)")
 
 
 if __name__ == "__main__":

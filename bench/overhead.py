@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.record import recorded, result_name
 from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
@@ -104,7 +105,8 @@ def main() -> None:
             http.close()
             sup.stop()
             server.stop()
-    report(local, queued, args)
+    with recorded(result_name("overhead", args.gpu)):
+        report(local, queued, args)
 
 
 def report(local: list[Run], queued: list[Run], args: argparse.Namespace) -> None:

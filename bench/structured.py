@@ -30,6 +30,7 @@ import jsonschema
 
 from bench.batching import N_CTX, LlamaServer
 from bench.llama_server import ensure_llama_server
+from bench.record import recorded
 from bench.stack import start_stack, wait_ready
 from broker.redis_server import EmbeddedRedis, free_port
 from broker.settings import Settings
@@ -142,16 +143,17 @@ def main() -> None:
             redis_server.stop()
     med = {k: statistics.median(v) for k, v in rates.items()}
     total = args.rounds * args.jobs
-    print(f"\nstructured output: {args.jobs} jobs at once, {args.max_tokens} tokens at most, "
-          f"{args.rounds} rounds (median), {threads} threads, {gguf.name}")
-    print(f"  tokenpool free         {med['free']:8.1f} tok/s")
-    print(f"  tokenpool constrained  {med['constrained']:8.1f} tok/s   valid "
-          f"{valids['constrained']}/{total}")
-    print(f"  llama-server json_schema {med['llama-server']:6.1f} tok/s   valid "
-          f"{valids['llama-server']}/{total}")
-    print(f"  constrained / free: {med['constrained'] / med['free']:.2f}x (target 0.85); "
-          f"tokenpool / llama-server, constrained: "
-          f"{med['constrained'] / med['llama-server']:.2f}x (target 1.0)")
+    with recorded("structured"):
+        print(f"\nstructured output: {args.jobs} jobs at once, {args.max_tokens} tokens at most, "
+              f"{args.rounds} rounds (median), {threads} threads, {gguf.name}")
+        print(f"  tokenpool free         {med['free']:8.1f} tok/s")
+        print(f"  tokenpool constrained  {med['constrained']:8.1f} tok/s   valid "
+              f"{valids['constrained']}/{total}")
+        print(f"  llama-server json_schema {med['llama-server']:6.1f} tok/s   valid "
+              f"{valids['llama-server']}/{total}")
+        print(f"  constrained / free: {med['constrained'] / med['free']:.2f}x (target 0.85); "
+              f"tokenpool / llama-server, constrained: "
+              f"{med['constrained'] / med['llama-server']:.2f}x (target 1.0)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""Each benchmark's latest result, written where the docs' benchmarks page includes it:
+`bench/results/<name>.md`, with the machine, the date and the command that made it.
+
+    with recorded("overhead"):
+        report(...)          # whatever this prints goes to the terminal and into the file
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """The CPU model and core count (or the GPU named by the caller), and the OS."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams: io.TextIOBase | object) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)  # type: ignore[attr-defined]
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()  # type: ignore[attr-defined]
+
+
+def result_name(base: str, gpu: str = "cpu") -> str:
+    """`base` on a CPU, `base-gpuN` on GPU N: each keeps its own latest result."""
+    return base if gpu == "cpu" else f"{base}-gpu{gpu}"
+
+
+@contextlib.contextmanager
+def recorded(name: str, where: str | None = None) -> Iterator[None]:
+    """Tee what the block prints; if it ends well, write it as `name`'s latest result.
+    `where`: what it ran on when that is not this CPU (a GPU)."""
+    captured = io.StringIO()
+    real = sys.stdout
+    sys.stdout = _Tee(real, captured)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout = real
+    command = " ".join(["python -m", sys.modules["__main__"].__spec__.name  # type: ignore[union-attr]
+                        if sys.modules["__main__"].__spec__ else sys.argv[0], *sys.argv[1:]])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(
+        f"_{time.strftime('%Y-%m-%d')}, {where or machine()}: `{command}`_\n\n"
+        f"```text\n{captured.getvalue().strip()}\n```\n")
