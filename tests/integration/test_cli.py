@@ -187,9 +187,11 @@ def test_batch_summarize_writes_every_result_and_resumes_after_ctrl_c(
     assert [line["id"] for line in lines] == [f"meeting-{i}.txt" for i in range(4)]
     assert all(line["status"] == "succeeded" and line["result"]["summary"] for line in lines)
     assert "succeeded" in run.stderr and "4/4" in run.stderr
-    # Ctrl-C while following: the batch goes on; `batch follow` picks it up again.
+    # Ctrl-C while following: the batch goes on; `batch follow` picks it up again. Long
+    # summaries, so that it is still running when the signal comes (40 tokens each finished
+    # before it in one CI run, with the summary worker warm from earlier tests).
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOOL_")}
-    proc = subprocess.Popen(tokenpool_argv("batch", "summarize", str(notes), "-n", "40",
+    proc = subprocess.Popen(tokenpool_argv("batch", "summarize", str(notes), "-n", "240",
                                            "--url", stack.url),
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env=env)
