@@ -12,7 +12,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import ApiError, store_unavailable
@@ -21,6 +21,57 @@ from broker.apikeys import LIMITS, ApiKey, authenticate, keys_exist
 log = logging.getLogger("tokenpool.api")
 OPEN_PATHS = frozenset({"/health"})
 KEYS_CHECK_S = 2.0  # how stale "are there keys at all?" may be
+ANY_KEY: tuple[str, ...] = ()
+JOBS, FLEET, ADMIN, METRICS = ("jobs",), ("fleet:read",), ("admin",), ("metrics",)
+# The scopes a key needs for each route (any one of them; ANY_KEY: any valid key). Every
+# route of the app is here: a test walks the app's route table against it.
+ROUTE_SCOPES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("GET", "/ready"): ANY_KEY,
+    ("GET", "/openapi.json"): ANY_KEY,
+    ("GET", "/v1/usage"): ANY_KEY,
+    ("GET", "/v1/models"): ("jobs", "fleet:read"),  # live state with fleet:read only
+    **{(method, path): JOBS for method, path in (
+        ("POST", "/v1/jobs"), ("POST", "/v1/jobs/batch"), ("GET", "/v1/jobs/{job_id}"),
+        ("DELETE", "/v1/jobs/{job_id}"), ("GET", "/v1/jobs/{job_id}/events"),
+        ("POST", "/v1/batches"), ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"),
+        ("DELETE", "/v1/batches/{batch_id}"), ("GET", "/v1/batches/{batch_id}/results"),
+        ("GET", "/v1/batches/{batch_id}/events"), ("POST", "/v1/batches/{batch_id}/retry"),
+        ("GET", "/v1/dead-letters"), ("POST", "/v1/dead-letters/{job_id}/requeue"),
+        ("DELETE", "/v1/dead-letters/{job_id}"),
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+        ("POST", "/v1/embeddings"), ("POST", "/v1/responses"),
+        ("GET", "/v1/responses/{response_id}"), ("DELETE", "/v1/responses/{response_id}"),
+        ("POST", "/v1/responses/{response_id}/cancel"),
+        ("GET", "/v1/responses/{response_id}/input_items"),
+        ("GET", "/v1/responses/{response_id}/export"))},
+    ("GET", "/v1/workers"): FLEET,
+    ("GET", "/v1/workers/{name}"): FLEET,
+    ("POST", "/v1/workers/{name}/model"): ADMIN,
+    ("POST", "/v1/workers/{name}/unload"): ADMIN,
+    ("GET", "/metrics"): METRICS,
+}
+
+
+def route_of(scope: Scope) -> tuple[str, str] | None:
+    """(method, path template) of the route this request reaches (None: no route; the app
+    answers 404 or 405 itself)."""
+    for route in scope["app"].routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            method = "GET" if scope["method"] == "HEAD" else scope["method"]
+            return method, route.path
+    return None
+
+
+def missing_scope(scope: Scope, key: ApiKey) -> ApiError | None:
+    found = route_of(scope)
+    needed = ROUTE_SCOPES[found] if found else ANY_KEY
+    if not needed or any(key.allows(name) for name in needed):
+        return None
+    method, path = found or ("", "")
+    return ApiError(403, "insufficient_scope", f"{method} {path} needs a key with the scope "
+                    f"{' or '.join(needed)}; this key has {', '.join(key.scopes)}",
+                    "Authorization")
 
 
 class KeyAuth:
@@ -63,6 +114,9 @@ class KeyAuth:
                             "Authorization: Bearer <key>", "Authorization",
                             {"WWW-Authenticate": "Bearer"})
         scope["state"]["api_key"] = key
+        refused = missing_scope(scope, key)
+        if refused is not None:
+            return refused
         wait_s = await over_rate(state, key)
         if wait_s is None:
             return None
@@ -192,9 +246,15 @@ def owner_of(request: Request) -> dict[str, str]:
 
 
 def may_see(request: Request, owner: str | None) -> bool:
-    """A key sees only what it created; without keys everything is visible."""
+    """A key sees only what it created, an admin key everything; without keys everything is
+    visible."""
     key = key_of(request)
-    return key is None or owner == key.id
+    return key is None or owner == key.id or key.allows("admin")
+
+
+def sees_fleet(request: Request) -> bool:
+    key = key_of(request)
+    return key is None or key.allows("fleet:read")
 
 
 def check_model(request: Request, model: str) -> None:

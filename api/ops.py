@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from api.auth import sees_fleet
 from api.errors import store_unavailable
 from broker.fleet import live_workers
 
@@ -66,6 +67,9 @@ async def models(request: Request) -> JSONResponse:
                      for w in by_model.get(name, [])]}
         for name, spec in state.settings.models.items()
     ]
+    if not sees_fleet(request):  # a jobs-only key: the models, not the fleet's live state
+        data = [{k: v for k, v in model.items() if k not in ("workers", "running")}
+                for model in data]
     return JSONResponse({"object": "list", "data": data})
 
 

@@ -18,6 +18,17 @@ import redis.asyncio as aioredis
 from broker.keys import Keys
 
 LIMITS = ("requests_per_minute", "max_active_jobs", "max_queued_jobs", "tokens_per_day")
+# What a key may do: `jobs` submit, read and follow its own jobs, batches and responses;
+# `fleet:read` workers, models' live state and metrics; `metrics` only GET /metrics (a scrape
+# token for Prometheus); `admin` everything, everyone's jobs included (hot-swap, unload,
+# dead letters).
+SCOPES = ("jobs", "fleet:read", "metrics", "admin")
+IMPLIES = {"admin": frozenset(SCOPES), "fleet:read": frozenset({"fleet:read", "metrics"}),
+           "jobs": frozenset({"jobs"}), "metrics": frozenset({"metrics"})}
+DEFAULT_SCOPES = ("jobs",)
+# A key stored before keys had scopes keeps what it could do then: everything but the
+# scrape-only scope (which `admin` implies anyway).
+LEGACY_SCOPES = ("jobs", "fleet:read", "admin")
 TOKEN = re.compile(r"^tp_([0-9a-f]{12})_([A-Za-z0-9_-]{32,})$")
 
 
@@ -34,6 +45,10 @@ class ApiKey:
     max_active_jobs: int | None = None
     max_queued_jobs: int | None = None
     tokens_per_day: int | None = None
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+
+    def allows(self, scope: str) -> bool:
+        return any(scope in IMPLIES[own] for own in self.scopes)
 
     def usable(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
@@ -55,8 +70,18 @@ def _decode(raw: dict[Any, Any]) -> tuple[ApiKey, str] | None:
     key = ApiKey(id=f["id"], name=f["name"], created_at=float(f["created_at"]),
                  expires_at=float(f["expires_at"]) if f.get("expires_at") else None,
                  models=json.loads(f["models"]) if f.get("models") else None,
-                 revoked=f.get("revoked") == "1", **limits)
+                 revoked=f.get("revoked") == "1",
+                 scopes=tuple(json.loads(f["scopes"])) if "scopes" in f else LEGACY_SCOPES,
+                 **limits)
     return key, f["digest"]
+
+
+def checked_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        raise ValueError(f"scopes: {', '.join(unknown) or 'none given'}; known: "
+                         f"{', '.join(SCOPES)}")
+    return tuple(dict.fromkeys(scopes))
 
 
 class KeyStore:
@@ -68,8 +93,10 @@ class KeyStore:
     def create(self, name: str, expires_in_s: float | None = None,
                models: list[str] | None = None, requests_per_minute: int | None = None,
                max_active_jobs: int | None = None, max_queued_jobs: int | None = None,
-               tokens_per_day: int | None = None) -> tuple[ApiKey, str]:
+               tokens_per_day: int | None = None,
+               scopes: tuple[str, ...] = DEFAULT_SCOPES) -> tuple[ApiKey, str]:
         """A new key and its token; the token is shown once and stored only as a digest."""
+        scopes = checked_scopes(scopes)
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         limits = {"requests_per_minute": requests_per_minute,
                   "max_active_jobs": max_active_jobs, "max_queued_jobs": max_queued_jobs,
@@ -78,11 +105,12 @@ class KeyStore:
                      expires_at=time.time() + expires_in_s if expires_in_s else None,
                      models=models, requests_per_minute=requests_per_minute,
                      max_active_jobs=max_active_jobs, max_queued_jobs=max_queued_jobs,
-                     tokens_per_day=tokens_per_day)
+                     tokens_per_day=tokens_per_day, scopes=scopes)
         fields = {"id": key_id, "name": name, "created_at": repr(key.created_at),
                   "digest": digest(secret), "revoked": "0",
                   "expires_at": repr(key.expires_at) if key.expires_at else "",
                   "models": json.dumps(models) if models else "",
+                  "scopes": json.dumps(list(scopes)),
                   **{k: str(v) if v else "" for k, v in limits.items()}}
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.api_key(key_id), mapping=fields)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from broker.apikeys import KeyStore
+from broker.apikeys import SCOPES, KeyStore, checked_scopes
 from broker.connection import sync_redis
 from broker.keys import Keys
 from broker.settings import Settings
@@ -48,15 +48,22 @@ def create(
     max_queued: Annotated[int | None, typer.Option(help="jobs waiting to start")] = None,
     tokens_per_day: Annotated[int | None, typer.Option(help="generated tokens per UTC day")]
     = None,
+    scopes: Annotated[str, typer.Option(
+        help=f"comma-separated, of {', '.join(SCOPES)}: jobs its own jobs, fleet:read workers "
+        "and metrics, metrics only /metrics (a scrape token), admin everything")] = "jobs",
     as_json: Json = False,
 ) -> None:
     """Create a key; its token is printed once and stored only as a SHA-256 digest."""
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    try:
+        granted = checked_scopes([s.strip() for s in scopes.split(",") if s.strip()])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scopes") from None
     with store() as keys:
         key, token = keys.create(name, seconds(expires_in) if expires_in else None, allowed,
                                  requests_per_minute=rpm, max_active_jobs=max_active,
                                  max_queued_jobs=max_queued,
-                                 tokens_per_day=tokens_per_day)
+                                 tokens_per_day=tokens_per_day, scopes=granted)
     if as_json:
         print_json({**key.public(), "token": token})
         return
@@ -72,12 +79,13 @@ def list_keys(as_json: Json = False) -> None:
     if as_json:
         print_json([k.public() for k in found])
         return
-    table = Table("id", "name", "models", "expires", "state")
+    table = Table("id", "name", "scopes", "models", "expires", "state")
     now = time.time()
     for k in found:
         expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.expires_at)) \
             if k.expires_at else "never"
-        table.add_row(k.id, k.name, ",".join(k.models) if k.models else "all", expires,
+        table.add_row(k.id, k.name, ",".join(k.scopes), ",".join(k.models) if k.models else "all",
+                      expires,
                       "revoked" if k.revoked else "expired" if not k.usable(now) else "active")
     out.print(table)
 

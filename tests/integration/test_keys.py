@@ -16,7 +16,9 @@ import openai
 import pytest
 import redis
 
+from api.app import create_app
 from broker.redis_server import EmbeddedRedis, free_port
+from broker.settings import Settings
 from cli.supervisor import tokenpool_argv
 from tests.conftest import Stack, running_stack, stack_env
 
@@ -194,6 +196,88 @@ def test_the_openai_clients_api_key_is_the_bearer_token(open_stack: Stack,
     bad = openai.OpenAI(base_url=f"{open_stack.url}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.embeddings.create(model="embed", input="hello")
+
+
+# What each scope may reach, written out here as the contract (the code's table is
+# api.auth.ROUTE_SCOPES; a unit test checks that it covers every route).
+REACHES = {
+    "jobs": {"/ready", "/openapi.json", "/v1/usage", "/v1/models", "/v1/jobs", "/v1/batches",
+             "/v1/dead-letters", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+             "/v1/responses"},
+    "fleet:read": {"/ready", "/openapi.json", "/v1/usage", "/v1/models", "/v1/workers",
+                   "/metrics"},
+    "metrics": {"/ready", "/openapi.json", "/v1/usage", "/metrics"},
+    "admin": {"everything"},
+}
+ADMIN_ONLY = {"/v1/workers/{name}/model", "/v1/workers/{name}/unload"}
+
+
+def allowed(scope: str, method: str, path: str) -> bool:
+    if scope == "admin":
+        return True
+    if path in ADMIN_ONLY:
+        return False
+    return any(path == p or path.startswith(p + "/") for p in REACHES[scope])
+
+
+@pytest.fixture(scope="module")
+def scoped(open_stack: Stack, tokens: dict[str, str], redis_server: EmbeddedRedis,
+           config: Path) -> dict[str, str]:
+    made = {}
+    for scope in REACHES:
+        run = keys_cli(redis_server, config, "create", f"only-{scope}", "--scopes", scope)
+        assert run.returncode == 0, run.stderr
+        made[scope] = run.stdout.strip()
+    refused = keys_cli(redis_server, config, "create", "x", "--scopes", "jobs,root")
+    assert refused.returncode == 2 and "root" in refused.stderr
+    listed = keys_cli(redis_server, config, "list").stdout
+    assert "fleet:read" in listed and "metrics" in listed
+    return made
+
+
+def test_scopes_are_enforced_on_every_route_of_the_app(open_stack: Stack,
+                                                       scoped: dict[str, str]) -> None:
+    """Each scope's key against each route and method: 403 naming the scope exactly where
+    the contract says, never a 401, and the request otherwise reaches the route (an empty
+    body's 4xx, a 404 of an unknown id, or a 2xx)."""
+    app = create_app(Settings(key_prefix=PREFIX), "redis://unused")
+    checked = 0
+    for route in app.routes:
+        if route.path == "/health":
+            continue
+        path = route.path.format(job_id="0" * 32, batch_id="0" * 32, name="nobody@host",
+                                 response_id="resp_" + "0" * 32)
+        for method in sorted(set(route.methods or ()) - {"HEAD"}):
+            for scope, token in scoped.items():
+                reply = open_stack.http.request(method, path, headers=bearer(token),
+                                                json={} if method == "POST" else None)
+                where = (scope, method, route.path, reply.status_code, reply.text[:200])
+                assert reply.status_code != 401, where
+                if allowed(scope, method, route.path):
+                    assert reply.status_code != 403, where
+                else:
+                    error = reply.json()["error"]
+                    assert reply.status_code == 403 and error["type"] == "insufficient_scope", \
+                        where
+                    assert f"has {scope}" in error["message"], where
+                checked += 1
+    assert checked > 120
+
+
+def test_a_jobs_key_sees_models_but_not_the_fleet_and_an_admin_key_sees_everyones_jobs(
+    open_stack: Stack, tokens: dict[str, str], scoped: dict[str, str]
+) -> None:
+    http = open_stack.http
+    models = http.get("/v1/models", headers=bearer(scoped["jobs"])).json()["data"]
+    assert models and all("workers" not in m and "queue_depth" in m for m in models)
+    fleet = http.get("/v1/models", headers=bearer(scoped["fleet:read"])).json()["data"]
+    assert all("workers" in m for m in fleet)
+    job_id = http.post("/v1/jobs", headers=bearer(tokens["alice"]),
+                       json={"kind": "embed", "texts": ["mine"]}).json()["id"]
+    assert http.get(f"/v1/jobs/{job_id}", headers=bearer(scoped["jobs"])).status_code == 404
+    assert http.get(f"/v1/jobs/{job_id}", headers=bearer(scoped["admin"])).status_code == 200
+    scrape = http.get("/metrics", headers=bearer(scoped["metrics"]))
+    assert scrape.status_code == 200 and "tokenpool_queue_depth" in scrape.text
 
 
 def test_a_revoked_key_stops_working_at_once(open_stack: Stack, tokens: dict[str, str],
