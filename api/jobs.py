@@ -18,6 +18,8 @@ from starlette.routing import Route
 from api.admission import admit
 from api.auth import check_model, enforce_quota, may_see, owner_of
 from api.errors import REDIS_RETRY_AFTER_S, ApiError, from_validation, not_found
+from api.ops import fleet
+from api.queueing import place_in_line
 from api.sse import event_stream
 from broker.celery_app import send_job
 from broker.messages import FINAL_STATUSES, JOB_REQUEST, JobRequest
@@ -177,7 +179,14 @@ async def visible_record(request: Request, job_id: str) -> dict[str, Any]:
 
 
 async def get_job(request: Request) -> JSONResponse:
-    return JSONResponse(public(await visible_record(request, job_id_of(request))))
+    """The job; a queued one with its place in its model's queue (api/queueing.py)."""
+    state = request.app.state
+    record = await visible_record(request, job_id_of(request))
+    body = public(record)
+    if record["status"] == "queued":
+        workers = (await fleet(state)).get(record["model"], [])
+        body["queue"] = await place_in_line(state, record, workers)
+    return JSONResponse(body)
 
 
 async def cancel_job(request: Request) -> JSONResponse:

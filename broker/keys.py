@@ -138,6 +138,11 @@ class Keys:
         """Celery queue (a Redis list) of one model's jobs."""
         return f"{self.prefix}.{model}"
 
+    def waiting(self, model: str) -> str:
+        """Sorted set: a model's queued jobs, by priority then submit time (score
+        `(9 - priority) * 1e13 + created_ms`): ZRANK is a job's place in the queue."""
+        return f"{self.prefix}:waiting:{model}"
+
     def schedules_queue(self) -> str:
         """Celery queue of the schedules' periodic tasks (every worker consumes it)."""
         return f"{self.prefix}.schedules"

@@ -54,12 +54,23 @@ local function append(job_key, stream_key, channel, body, maxlen)
   redis.call('PUBLISH', channel, event)
   return seq
 end
+-- A queued job's place in its model's queue (broker.keys.waiting), kept by the scripts that
+-- create, start, requeue and end jobs.
+local function wait_in_line(job_key, id)
+  local wait_key, score = unpack(redis.call('HMGET', job_key, 'wait_key', 'wait_score'))
+  if wait_key then redis.call('ZADD', wait_key, score, id) end
+end
+local function leave_line(job_key, id)
+  local wait_key = redis.call('HGET', job_key, 'wait_key')
+  if wait_key then redis.call('ZREM', wait_key, id) end
+end
 local function count_final(metrics_key, hist_key, job_key, status, body)
   local kind, model, bk, item, index, started, id = unpack(redis.call('HMGET', job_key, 'kind',
     'model', 'batch_key', 'item', 'item_index', 'started_at', 'id'))
   local owner_active, owner_tokens = unpack(redis.call('HMGET', job_key, 'owner_active',
                                                        'owner_tokens'))
   if owner_active then redis.call('SREM', owner_active, id) end
+  leave_line(job_key, id)
   kind, model = kind or '?', model or '?'
   redis.call('HINCRBY', metrics_key, kind .. '|' .. model .. '|' .. status, 1)
   if bk then
@@ -116,6 +127,7 @@ end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 local owner_active = redis.call('HGET', KEYS[1], 'owner_active')
 if owner_active then redis.call('SADD', owner_active, ARGV[6]) end
+wait_in_line(KEYS[1], ARGV[6])
 append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 seal(KEYS[1], KEYS[2], ARGV[4])
 return {ARGV[6], 1}
@@ -143,6 +155,7 @@ if timeout > 0 then
   redis.call('HSETNX', KEYS[1], 'deadline', tostring(tonumber(ARGV[5]) + timeout))
 end
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[5])
+leave_line(KEYS[1], redis.call('HGET', KEYS[1], 'id'))
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[4], 'attempt_started_at',
            ARGV[5], 'start_token', ARGV[7])
 redis.call('HSET', KEYS[3], redis.call('HGET', KEYS[1], 'id'), ARGV[4])
@@ -232,6 +245,7 @@ if tonumber(att) >= tonumber(ARGV[5]) then
 end
 local dispatch = redis.call('HINCRBY', KEYS[1], 'dispatch', 1)
 redis.call('HSET', KEYS[1], 'status', 'queued')
+wait_in_line(KEYS[1], ARGV[13])
 append(KEYS[1], KEYS[2], ARGV[1], ARGV[9], ARGV[2])
 return {'requeued', dispatch}
 """
@@ -292,9 +306,18 @@ def new_record(job: JobRequest, settings: Settings, **extra: str) -> dict[str, A
     """The fields a new job's record starts with (the create script adds id and status)."""
     request_json = job.model_dump(mode="json")
     fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
-    return {"kind": job.kind, "model": job.model, "created_at": repr(time.time()),
+    now = time.time()
+    return {"kind": job.kind, "model": job.model, "created_at": repr(now),
             "request": request_json, "fingerprint": fingerprint,
-            "timeout_s": repr(timeout_of(job, settings)), **extra}
+            "timeout_s": repr(timeout_of(job, settings)),
+            "wait_key": Keys(settings.key_prefix).waiting(job.model),
+            "wait_score": str(wait_score(job.priority, now)), **extra}
+
+
+def wait_score(priority: int, created_at: float) -> int:
+    """A queued job's order in its model's queue: higher priority first, then older first
+    (the order Celery's priority lists deliver in). Exact in a double: under 2**53."""
+    return (9 - priority) * 10**13 + int(created_at * 1000)
 
 
 def _body(event: Event) -> str:

@@ -133,7 +133,8 @@ def new_files(client: Client, seen_key: str, spec: ScheduleSpec,
 
 def housekeeping(client: Client, keys: Keys, settings: Settings) -> dict[str, int]:
     """Drop what points at nothing: finished batches past batch_ttl_s (with their item list
-    and done stream), index entries of expired jobs (dead letters, running), gone workers."""
+    and done stream), index entries of expired jobs (dead letters, running, waiting), gone
+    workers."""
     now = time.time()
     swept: dict[str, Any] = {"batches": _sweep_batches(client, keys, settings, now)}
     dead = [m for m in client.zrange(keys.dead_letters(), 0, -1)
@@ -141,6 +142,11 @@ def housekeeping(client: Client, keys: Keys, settings: Settings) -> dict[str, in
     swept["dead_letters"] = client.zrem(keys.dead_letters(), *dead) if dead else 0
     orphans = [j for j in client.hkeys(keys.running()) if not client.exists(keys.job(j.decode()))]
     swept["running"] = client.hdel(keys.running(), *orphans) if orphans else 0
+    swept["waiting"] = 0
+    for model in settings.models:  # a queued job that expired unstarted leaves its place
+        gone = [m for m in client.zrange(keys.waiting(model), 0, -1)
+                if not client.exists(keys.job(m.decode()))]
+        swept["waiting"] += client.zrem(keys.waiting(model), *gone) if gone else 0
     swept["workers"] = client.zremrangebyscore(keys.workers(), "-inf",
                                                now - settings.worker_gone_retention_s)
     return {k: int(v) for k, v in swept.items()}

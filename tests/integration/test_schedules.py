@@ -143,9 +143,12 @@ def test_housekeeping_sweeps_stale_batches_and_dangling_entries(scheduled: Stack
     scheduled.redis.zadd(keys.batches(), {stale: 1.0})
     scheduled.redis.zadd(keys.dead_letters(), {"e" * 32: time.time()})
     scheduled.redis.hset(keys.running(), "d" * 32, "someone")
+    scheduled.redis.zadd(keys.waiting("summary"), {"c" * 32: 1.0})
     wait_for(lambda: not scheduled.redis.exists(keys.batch(stale)), what="the stale batch")
     wait_for(lambda: scheduled.redis.zscore(keys.dead_letters(), "e" * 32) is None,
              what="the dangling dead letter")
     assert not scheduled.redis.hexists(keys.running(), "d" * 32)
+    wait_for(lambda: scheduled.redis.zscore(keys.waiting("summary"), "c" * 32) is None,
+             what="the dangling place in the queue")
     assert scheduled.redis.zscore(keys.batches(), stale) is None
     assert "housekeeping" in schedule_state(scheduled, "housekeeping")["last_outcome"]
