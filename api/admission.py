@@ -14,6 +14,7 @@ from broker.messages import MODEL_KIND_OF_JOB, EmbedJob, GenerateJob, SummarizeJ
 from broker.prompts import render_generate
 from broker.settings import ModelSpec, Settings
 from broker.sources import resolve
+from broker.webhooks import UnsafeTarget, check_target
 
 
 class Vocabularies:
@@ -134,10 +135,24 @@ async def check_constraint(job: GenerateJob | SummarizeJob, spec: ModelSpec,
                        "message)", field)
 
 
+async def check_webhook(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) -> None:
+    """A job's own webhook: only with a secret to sign it, and only to a safe address."""
+    if job.webhook is None:
+        return
+    if not settings.webhook_secret:
+        raise ApiError(400, "webhooks_off", "webhook: this server sends no webhooks (no "
+                       "webhook_secret is set)", "webhook")
+    try:
+        await anyio.to_thread.run_sync(check_target, job.webhook, settings)
+    except UnsafeTarget as exc:
+        raise ApiError(400, "unsafe_webhook", f"webhook: {exc}", "webhook") from None
+
+
 async def admit(
     job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings, vocab: Vocabularies
 ) -> None:
     spec = model_for(job, settings)
+    await check_webhook(job, settings)
     check_limits(job, spec)
     check_timeout(job, settings)
     if not isinstance(job, EmbedJob):

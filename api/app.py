@@ -29,6 +29,7 @@ from api import (
     openapi,
     ops,
     responses,
+    webhooks,
     workers,
 )
 from api.accesslog import AccessLog
@@ -42,6 +43,7 @@ from broker.events import StreamHub
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.store import AsyncJobStore
+from broker.webhooks import Outbox
 
 log = logging.getLogger("tokenpool.api")
 
@@ -117,6 +119,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
         sync_client = sync_redis(redis_url, client_name="tokenpool-api-batches",
                                  socket_connect_timeout=5)
         app.state.batches = BatchStore(sync_client, settings, app.state.celery)
+        app.state.outbox = Outbox(sync_client, settings)
         app.state.vocab = Vocabularies(settings.cache_dir)
         warming = asyncio.create_task(warm_up(app.state, warm_burst(settings)))
         try:
@@ -130,7 +133,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
     return Starlette(
         routes=[*ops.routes, *auth.routes, *batch.routes, *batches.routes, *jobs.routes,
                 *deadletters.routes, *openai_compat.routes, *responses.routes,
-                *workers.routes, *metrics.routes,
+                *webhooks.routes, *workers.routes, *metrics.routes,
                 *openapi.routes],
         lifespan=lifespan,
         middleware=[Middleware(AccessLog), Middleware(KeyAuth)],

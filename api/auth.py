@@ -49,6 +49,8 @@ ROUTE_SCOPES: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/v1/workers/{name}/model"): ADMIN,
     ("POST", "/v1/workers/{name}/unload"): ADMIN,
     ("GET", "/metrics"): METRICS,
+    ("GET", "/v1/webhooks/dead-letters"): ADMIN,
+    ("POST", "/v1/webhooks/dead-letters/{delivery_id}/redeliver"): ADMIN,
 }
 
 

@@ -119,6 +119,9 @@ def document() -> dict[str, Any]:
         "/v1/responses/{response_id}/export": {"get": op(
             "the conversation up to a response (JSONL)", params=["response_id"],
             media="application/jsonl")},
+        "/v1/webhooks/dead-letters": {"get": op("webhook deliveries that ran out of tries")},
+        "/v1/webhooks/dead-letters/{delivery_id}/redeliver": {"post": op(
+            "deliver a dead webhook again", "202", params=["delivery_id"])},
         "/metrics": {"get": op("Prometheus metrics", media="text/plain")},
     }
     return {"openapi": "3.1.0",

@@ -165,7 +165,7 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,  # fenced writes decide
         broker_connection_max_retries=None,  # a worker waits out a Redis restart
         task_queues=[*(Queue(keys.queue(name)) for name in settings.models),
-                     Queue(keys.schedules_queue())],
+                     Queue(keys.schedules_queue()), Queue(keys.webhooks_queue())],
         task_default_queue=keys.queue(next(iter(settings.models))),
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,

@@ -143,6 +143,23 @@ class Keys:
         `(9 - priority) * 1e13 + created_ms`): ZRANK is a job's place in the queue."""
         return f"{self.prefix}:waiting:{model}"
 
+    def webhooks_due(self) -> str:
+        """Sorted set: deliveries `<job id>|<target>` by when they are next due (the webhooks
+        process claims due ones with a lease, and puts failed ones back for later)."""
+        return f"{self.prefix}:webhooks:due"
+
+    def webhook(self, delivery: str) -> str:
+        """Hash: one delivery's attempts, last answer or error, and outcome."""
+        return f"{self.prefix}:webhook:{delivery}"
+
+    def webhooks_dead(self) -> str:
+        """Sorted set: deliveries that failed webhook_max_attempts times, by when."""
+        return f"{self.prefix}:webhooks:dead"
+
+    def webhooks_queue(self) -> str:
+        """Celery queue of webhook deliveries (only `tokenpool webhooks` consumes it)."""
+        return f"{self.prefix}.webhooks"
+
     def schedules_queue(self) -> str:
         """Celery queue of the schedules' periodic tasks (every worker consumes it)."""
         return f"{self.prefix}.schedules"

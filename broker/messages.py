@@ -29,6 +29,9 @@ class _Job(_Frozen):
     timeout_s: float | None = Field(
         None, gt=0, description="run-time limit from its first start; unset: the configured one"
     )
+    webhook: str | None = Field(
+        None, min_length=8, max_length=2048,
+        description="an http(s) URL told when the job ends (signed; docs/webhooks.md)")
 
 
 class _Constrained(_Frozen):

@@ -140,6 +140,20 @@ class ScheduleSpec(BaseModel):
         return self
 
 
+JobEvent = Literal["job.succeeded", "job.failed", "job.cancelled"]
+JOB_EVENTS: tuple[JobEvent, ...] = ("job.succeeded", "job.failed", "job.cancelled")
+
+
+class WebhookEndpoint(BaseModel):
+    """A receiver told of every job's end (beside the `webhook` a job may name itself)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(min_length=8, max_length=2048, description="http(s) URL to POST to")
+    events: list[JobEvent] = Field(
+        default_factory=lambda: list(JOB_EVENTS), description="which events it wants")
+
+
 class SentinelSpec(BaseModel):
     """A Redis whose master Redis Sentinel names: every component asks the Sentinels for the
     current master (redis-py's Sentinel, kombu's Sentinel transport) and follows a failover."""
@@ -214,6 +228,27 @@ class Settings(BaseSettings):
         None, ge=1, description="default per-key jobs waiting to start (unset: no limit)")
     key_tokens_per_day: int | None = Field(
         None, ge=1, description="default per-key generated tokens per UTC day (unset: none)")
+    webhook_secret: str | None = Field(
+        None, pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$", description="signs every webhook "
+        "(Standard Webhooks: whsec_ and base64); unset: no webhooks")
+    webhook_endpoints: list[WebhookEndpoint] = Field(
+        default_factory=list, description="receivers told of every job's end")
+    webhook_allow_networks: list[str] = Field(
+        default_factory=list, description="private, loopback or link-local networks (CIDR) "
+        "webhooks may still go to; by default none")
+    webhook_allow_hosts: list[str] = Field(
+        default_factory=list, description="host names webhooks may go to whatever they "
+        "resolve to")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60, description="one delivery's limit")
+    webhook_max_attempts: int = Field(
+        10, ge=1, le=30, description="tries before a delivery is dead-lettered")
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="wait after the first failed try, doubling after each "
+        "(10 tries: about 17 minutes in all)")
+    webhook_max_response_bytes: int = Field(
+        65_536, ge=0, description="most of a receiver's answer that is read")
+    webhook_concurrency: int = Field(8, ge=1, le=256,
+                                     description="deliveries at once per webhooks process")
     max_stop_chars: int = Field(200, ge=1, description="longest stop string")
     max_messages: int = Field(256, ge=1, description="most chat messages in one job")
     flower_port: int = Field(5555, ge=0, le=65535)

@@ -31,6 +31,7 @@ from broker.messages import (
 )
 from broker.messages import Started as StartedEvent
 from broker.settings import Settings
+from broker.webhooks import record_fields
 
 # Histogram buckets of finished jobs' timings (seconds; tokens/s), as Prometheus `le` labels.
 BUCKETS = {
@@ -71,6 +72,13 @@ local function count_final(metrics_key, hist_key, job_key, status, body)
                                                        'owner_tokens'))
   if owner_active then redis.call('SREM', owner_active, id) end
   leave_line(job_key, id)
+  local hooks, hooks_due = unpack(redis.call('HMGET', job_key, 'hooks', 'hooks_due'))
+  if hooks then  -- its webhooks are due now (broker.webhooks), in the same step as its end
+    local t = redis.call('TIME')
+    for i = 0, tonumber(hooks) - 1 do
+      redis.call('ZADD', hooks_due, tonumber(t[1]) + tonumber(t[2]) / 1e6, id .. '|' .. i)
+    end
+  end
   kind, model = kind or '?', model or '?'
   redis.call('HINCRBY', metrics_key, kind .. '|' .. model .. '|' .. status, 1)
   if bk then
@@ -251,7 +259,7 @@ return {'requeued', dispatch}
 """
 
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
-_JSON_FIELDS = ("request", "result", "error", "usage", "timings", "response")
+_JSON_FIELDS = ("request", "result", "error", "usage", "timings", "response", "webhooks")
 _FLOAT_FIELDS = ("created_at", "started_at", "attempt_started_at", "finished_at", "deadline",
                  "timeout_s")
 
@@ -311,7 +319,8 @@ def new_record(job: JobRequest, settings: Settings, **extra: str) -> dict[str, A
             "request": request_json, "fingerprint": fingerprint,
             "timeout_s": repr(timeout_of(job, settings)),
             "wait_key": Keys(settings.key_prefix).waiting(job.model),
-            "wait_score": str(wait_score(job.priority, now)), **extra}
+            "wait_score": str(wait_score(job.priority, now)),
+            **record_fields(job.webhook, settings), **extra}
 
 
 def wait_score(priority: int, created_at: float) -> int:

@@ -187,6 +187,39 @@ def beat(log_level: str = typer.Option("INFO")) -> None:
     ])
 
 
+@cli.command()
+def webhooks(log_level: str = typer.Option("INFO")) -> None:
+    """Deliver webhooks: claim due deliveries and run each try as a Celery task (its own
+    queue and threads; model workers never deliver). `up` starts it when webhook_secret is
+    set; run one or more anywhere that reaches Redis and the receivers."""
+    from broker.celery_app import make_celery
+    from broker.connection import worker_redis
+    from broker.keys import Keys
+    from broker.store import JobStore
+    from broker.webhooks import Outbox
+    from workers.heartbeat import Periodic
+    from workers.webhooks import Deliverer, pump, register
+
+    setup_logging(log_level)
+    settings = Settings()
+    if not settings.webhook_secret:
+        raise typer.BadParameter("set TOKENPOOL_WEBHOOK_SECRET (whsec_…): webhooks are signed")
+    url = redis_url_of(settings)
+    name = f"webhooks-{os.getpid()}@{socket.gethostname()}"
+    client = worker_redis(url, settings.worker_redis_retry_s, name)
+    keys, outbox = Keys(settings.key_prefix), Outbox(client, settings)
+    app = make_celery(settings, url)
+    register(app, Deliverer(JobStore(client, settings), outbox, settings))
+    claims = Periodic("webhook-claims", 0.2, pump(app, outbox, keys))
+    claims.start()
+    try:
+        app.worker_main(["worker", "-Q", keys.webhooks_queue(), "-P", "threads",
+                         "-c", str(settings.webhook_concurrency), "-n", name,
+                         "--loglevel", log_level, "--without-mingle", "--without-gossip"])
+    finally:
+        claims.stop()
+
+
 @cli.command(name="redis-acl")
 def redis_acl(prefix: str | None = typer.Option(None, help="key prefix (default: settings)")
               ) -> None:

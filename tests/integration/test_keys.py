@@ -246,7 +246,8 @@ def test_scopes_are_enforced_on_every_route_of_the_app(open_stack: Stack,
         if route.path == "/health":
             continue
         path = route.path.format(job_id="0" * 32, batch_id="0" * 32, name="nobody@host",
-                                 response_id="resp_" + "0" * 32)
+                                 response_id="resp_" + "0" * 32,
+                                 delivery_id=f"msg_{'0' * 32}_0")
         for method in sorted(set(route.methods or ()) - {"HEAD"}):
             for scope, token in scoped.items():
                 reply = open_stack.http.request(method, path, headers=bearer(token),

@@ -1,0 +1,97 @@
+"""The `tokenpool webhooks` process: it claims due deliveries (broker.webhooks) and sends each
+try as a Celery task on its own queue, which only this process consumes, so a slow or dead
+receiver holds one of its threads for at most webhook_timeout_s and never a model worker's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import httpx
+from celery import Celery
+
+from broker.keys import Keys
+from broker.settings import Settings
+from broker.store import JobStore
+from broker.webhooks import (
+    STATUS_EVENT,
+    Outbox,
+    UnsafeTarget,
+    check_target,
+    delivery_id,
+    payload,
+    signed_headers,
+)
+
+log = logging.getLogger("tokenpool.webhooks")
+WEBHOOK_TASK = "tokenpool.webhook"
+
+
+class Deliverer:
+    def __init__(self, store: JobStore, outbox: Outbox, settings: Settings) -> None:
+        self.store, self.outbox, self.settings = store, outbox, settings
+
+    def deliver(self, member: str) -> str:
+        """One try of one delivery: its outcome."""
+        job_id, index = member.split("|", 1)
+        record = self.store.get(job_id)
+        if record is None or STATUS_EVENT.get(record["status"]) is None:
+            return self.outbox.failed(member, self.settings.webhook_max_attempts,
+                                      "the job's record is gone (expired) or it has not ended")
+        target = (record.get("webhooks") or [])[int(index)]
+        event = payload(member, record)
+        if event["type"] not in target["events"]:
+            self.outbox.skipped(member, f"{event['type']} not wanted")
+            return "skipped"
+        attempts = self.outbox.attempt(member)
+        try:
+            check_target(target["url"], self.settings)
+            status = self.post(target["url"], json.dumps(event).encode(), delivery_id(member))
+        except (UnsafeTarget, httpx.HTTPError) as exc:
+            outcome = self.outbox.failed(member, attempts, f"{type(exc).__name__}: {exc}")
+            log.warning("webhook %s to %s: %s; %s", delivery_id(member), target["url"], exc,
+                        outcome)
+            return outcome
+        if 200 <= status < 300:
+            self.outbox.delivered(member, status)
+            log.info("webhook %s (%s, job %s) delivered: %s", delivery_id(member),
+                     event["type"], job_id, status)
+            return "delivered"
+        outcome = self.outbox.failed(member, attempts, f"HTTP {status}")
+        log.warning("webhook %s to %s: HTTP %s; %s", delivery_id(member), target["url"], status,
+                    outcome)
+        return outcome
+
+    def post(self, url: str, body: bytes, message_id: str) -> int:
+        """POST, no redirects followed, at most webhook_max_response_bytes of the answer read."""
+        assert self.settings.webhook_secret is not None
+        headers = signed_headers(self.settings.webhook_secret, message_id, body)
+        with httpx.Client(timeout=self.settings.webhook_timeout_s, follow_redirects=False) \
+                as http, http.stream("POST", url, content=body, headers=headers) as reply:
+            read = 0
+            for chunk in reply.iter_bytes():
+                read += len(chunk)
+                if read >= self.settings.webhook_max_response_bytes:
+                    break
+            return reply.status_code
+
+
+def register(app: Celery, deliverer: Deliverer) -> None:
+    @app.task(name=WEBHOOK_TASK, acks_late=True, ignore_result=True)
+    def deliver_webhook(member: str) -> str:
+        if not isinstance(member, str) or "|" not in member:
+            return "malformed"
+        return deliverer.deliver(member)
+
+
+def pump(app: Celery, outbox: Outbox, keys: Keys) -> Any:
+    """One round of the claim loop: every due delivery becomes a task."""
+    def run_once() -> int:
+        claimed = outbox.claim()
+        for member in claimed:
+            app.send_task(WEBHOOK_TASK, args=[member], queue=keys.webhooks_queue(),
+                          argsrepr=f"delivery={delivery_id(member)}", kwargsrepr="")
+        return len(claimed)
+    return run_once
