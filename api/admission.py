@@ -135,15 +135,15 @@ async def check_constraint(job: GenerateJob | SummarizeJob, spec: ModelSpec,
                        "message)", field)
 
 
-async def check_webhook(job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings) -> None:
-    """A job's own webhook: only with a secret to sign it, and only to a safe address."""
-    if job.webhook is None:
+async def check_webhook(url: str | None, settings: Settings) -> None:
+    """A job's or batch's own webhook: only with a secret to sign it, to a safe address."""
+    if url is None:
         return
     if not settings.webhook_secret:
         raise ApiError(400, "webhooks_off", "webhook: this server sends no webhooks (no "
                        "webhook_secret is set)", "webhook")
     try:
-        await anyio.to_thread.run_sync(check_target, job.webhook, settings)
+        await anyio.to_thread.run_sync(check_target, url, settings)
     except UnsafeTarget as exc:
         raise ApiError(400, "unsafe_webhook", f"webhook: {exc}", "webhook") from None
 
@@ -152,7 +152,7 @@ async def admit(
     job: GenerateJob | SummarizeJob | EmbedJob, settings: Settings, vocab: Vocabularies
 ) -> None:
     spec = model_for(job, settings)
-    await check_webhook(job, settings)
+    await check_webhook(job.webhook, settings)
     check_limits(job, spec)
     check_timeout(job, settings)
     if not isinstance(job, EmbedJob):

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from api.admission import admit
+from api.admission import admit, check_webhook
 from api.auth import check_model, enforce_quota, may_see, owner_of
 from api.errors import REDIS_RETRY_AFTER_S, ApiError, field_name, from_validation
 from api.jobs import JOB_ID, parse_json, read_body
@@ -40,7 +40,8 @@ class Parsed:
 
 def parse_jsonl(body: bytes, request: Request) -> Parsed:
     query = dict(request.query_params)
-    options = {k: query.pop(k) for k in list(query) if k not in ("kind", "model", "priority")}
+    options = {k: query.pop(k) for k in list(query)
+               if k not in ("kind", "model", "priority", "webhook")}
     try:
         spec = BatchSpec.model_validate({**query, "options": options})
     except ValidationError as exc:
@@ -113,6 +114,7 @@ async def create_batch(request: Request) -> JSONResponse:
     parsed = parse_jsonl(body, request) if content_type in JSONL_TYPES else parse_json_body(body)
     await check_items(state, parsed)
     check_model(request, parsed.spec.model_name())
+    await check_webhook(parsed.spec.webhook, state.settings)
     await enforce_quota(request, len(parsed.raw_items))
     owner = owner_of(request)
 

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from api.errors import ApiError
 from broker.webhooks import member_of
 
-DELIVERY_ID = re.compile(r"^msg_[0-9a-f]{32}_\d{1,3}$")
+DELIVERY_ID = re.compile(r"^msg_(batch_[0-9a-f]{32}_\d{1,6}|[0-9a-f]{32})_\d{1,3}$")
 
 
 async def dead_deliveries(request: Request) -> JSONResponse:

@@ -23,7 +23,8 @@ from broker.constraints import ResponseFormat
 from broker.keys import Keys
 from broker.messages import JOB_REQUEST, EmbedJob, JobRequest, SummarizeJob
 from broker.settings import Settings
-from broker.store import JobStore, new_record
+from broker.store import BATCH_RUNNING, JobStore, new_record
+from broker.webhooks import BATCH_EVENTS, record_fields
 
 CHUNK = 500
 BATCH_PRIORITY = 2  # below interactive jobs' default 5: a big batch never blocks them
@@ -61,6 +62,8 @@ class BatchSpec(BaseModel):
     model: str | None = Field(None, min_length=1)
     priority: int = Field(BATCH_PRIORITY, ge=0, le=9)
     options: BatchOptions = BatchOptions()
+    webhook: str | None = Field(None, min_length=8, max_length=2048,
+                                description="an http(s) URL told when every item has ended")
 
     @model_validator(mode="after")
     def _constraint_for_text(self) -> BatchSpec:
@@ -127,6 +130,7 @@ class BatchStore:
         self.redis, self.settings, self.celery = client, settings, celery
         self.keys = Keys(settings.key_prefix)
         self.jobs = JobStore(client, settings)
+        self._running = client.register_script(BATCH_RUNNING)
 
     def create(self, spec: BatchSpec, items: Iterable[tuple[str, JobRequest]],
                **header: str) -> str:
@@ -137,12 +141,13 @@ class BatchStore:
             "id": batch_id, "kind": spec.kind, "priority": str(spec.priority),
             "options": spec.options.model_dump_json(exclude_none=True), "total": "0",
             "status": "creating", "created_at": repr(time.time()), **header,
+            **record_fields(spec.webhook, self.settings, BATCH_EVENTS),
         }
         self.redis.hset(key, mapping=fields)  # type: ignore[arg-type]
         index, owner = 0, {k: v for k, v in header.items() if k.startswith("owner")}
         for chunk in chunks(items):
             index = self._add(batch_id, chunk, index, owner)
-        self.redis.hset(key, "status", "running")
+        self._running(keys=[key])
         self.redis.zadd(self.keys.batches(), {batch_id: time.time()})
         return batch_id
 

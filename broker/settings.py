@@ -9,6 +9,7 @@ Models named in env or file are merged over the built-in registry; `enabled = fa
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,18 +141,21 @@ class ScheduleSpec(BaseModel):
         return self
 
 
-JobEvent = Literal["job.succeeded", "job.failed", "job.cancelled"]
-JOB_EVENTS: tuple[JobEvent, ...] = ("job.succeeded", "job.failed", "job.cancelled")
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "response.completed",
+                       "response.incomplete", "response.failed", "response.cancelled",
+                       "batch.completed", "batch.cancelled"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = typing.get_args(WebhookEvent)
 
 
 class WebhookEndpoint(BaseModel):
-    """A receiver told of every job's end (beside the `webhook` a job may name itself)."""
+    """A receiver told of the events it names, for every job, response and batch (beside the
+    `webhook` a job or batch may name itself)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     url: str = Field(min_length=8, max_length=2048, description="http(s) URL to POST to")
-    events: list[JobEvent] = Field(
-        default_factory=lambda: list(JOB_EVENTS), description="which events it wants")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS), description="which events it wants")
 
 
 class SentinelSpec(BaseModel):
@@ -232,7 +236,7 @@ class Settings(BaseSettings):
         None, pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$", description="signs every webhook "
         "(Standard Webhooks: whsec_ and base64); unset: no webhooks")
     webhook_endpoints: list[WebhookEndpoint] = Field(
-        default_factory=list, description="receivers told of every job's end")
+        default_factory=list, description="receivers told of the events they name")
     webhook_allow_networks: list[str] = Field(
         default_factory=list, description="private, loopback or link-local networks (CIDR) "
         "webhooks may still go to; by default none")

@@ -31,7 +31,7 @@ from broker.messages import (
 )
 from broker.messages import Started as StartedEvent
 from broker.settings import Settings
-from broker.webhooks import record_fields
+from broker.webhooks import JOB_EVENTS, RESPONSE_EVENTS, record_fields
 
 # Histogram buckets of finished jobs' timings (seconds; tokens/s), as Prometheus `le` labels.
 BUCKETS = {
@@ -65,6 +65,29 @@ local function leave_line(job_key, id)
   local wait_key = redis.call('HGET', job_key, 'wait_key')
   if wait_key then redis.call('ZREM', wait_key, id) end
 end
+-- Due now: deliveries `<prefix><i>` of a job's or batch's webhooks (broker.webhooks).
+local function hooks_due_now(record_key, prefix)
+  local hooks, hooks_due = unpack(redis.call('HMGET', record_key, 'hooks', 'hooks_due'))
+  if not hooks then return end
+  local t = redis.call('TIME')
+  for i = 0, tonumber(hooks) - 1 do
+    redis.call('ZADD', hooks_due, tonumber(t[1]) + tonumber(t[2]) / 1e6, prefix .. i)
+  end
+end
+-- A batch whose every item has ended (and that is done being created) tells its webhooks;
+-- each time it gets there (a retry can end it again) under a new delivery id.
+local function batch_maybe_done(bk)
+  local st, total, s, f, c, id = unpack(redis.call('HMGET', bk, 'status', 'total',
+                                                   'succeeded', 'failed', 'cancelled', 'id'))
+  if st == 'creating' or redis.call('HEXISTS', bk, 'hooks') == 0 then return end
+  if tonumber(s or 0) + tonumber(f or 0) + tonumber(c or 0) < tonumber(total or 0) then
+    return
+  end
+  local n = redis.call('HINCRBY', bk, 'completions', 1)
+  local t = redis.call('TIME')
+  redis.call('HSET', bk, 'completed_at', tostring(tonumber(t[1]) + tonumber(t[2]) / 1e6))
+  hooks_due_now(bk, 'batch:' .. id .. ':' .. n .. '|')
+end
 local function count_final(metrics_key, hist_key, job_key, status, body)
   local kind, model, bk, item, index, started, id = unpack(redis.call('HMGET', job_key, 'kind',
     'model', 'batch_key', 'item', 'item_index', 'started_at', 'id'))
@@ -72,13 +95,7 @@ local function count_final(metrics_key, hist_key, job_key, status, body)
                                                        'owner_tokens'))
   if owner_active then redis.call('SREM', owner_active, id) end
   leave_line(job_key, id)
-  local hooks, hooks_due = unpack(redis.call('HMGET', job_key, 'hooks', 'hooks_due'))
-  if hooks then  -- its webhooks are due now (broker.webhooks), in the same step as its end
-    local t = redis.call('TIME')
-    for i = 0, tonumber(hooks) - 1 do
-      redis.call('ZADD', hooks_due, tonumber(t[1]) + tonumber(t[2]) / 1e6, id .. '|' .. i)
-    end
-  end
+  hooks_due_now(job_key, id .. '|')  -- in the same step as its end
   kind, model = kind or '?', model or '?'
   redis.call('HINCRBY', metrics_key, kind .. '|' .. model .. '|' .. status, 1)
   if bk then
@@ -86,6 +103,7 @@ local function count_final(metrics_key, hist_key, job_key, status, body)
     if started then redis.call('HINCRBY', bk, 'ended_started', 1) end
     redis.call('XADD', bk .. ':done', '*', 'index', index, 'item', item, 'job', id,
                'status', status)
+    batch_maybe_done(bk)
   end
   if status ~= 'succeeded' then return end
   local ok, event = pcall(cjson.decode, body)
@@ -123,6 +141,13 @@ end
 local function seal_final(job_key, stream_key, ttl)
   seal(job_key, stream_key, redis.call('HGET', job_key, 'keep_s') or ttl)
 end
+"""
+
+# KEYS: batch.  A created batch starts running; if its items all ended meanwhile, it is done.
+BATCH_RUNNING = _APPEND_FN + """
+redis.call('HSET', KEYS[1], 'status', 'running')
+batch_maybe_done(KEYS[1])
+return 1
 """
 
 # KEYS: job, stream[, idempotency]  ARGV: channel, body, maxlen, live_ttl, idem_ttl, id, fields…
@@ -320,7 +345,8 @@ def new_record(job: JobRequest, settings: Settings, **extra: str) -> dict[str, A
             "timeout_s": repr(timeout_of(job, settings)),
             "wait_key": Keys(settings.key_prefix).waiting(job.model),
             "wait_score": str(wait_score(job.priority, now)),
-            **record_fields(job.webhook, settings), **extra}
+            **record_fields(job.webhook, settings,
+                            RESPONSE_EVENTS if "response" in extra else JOB_EVENTS), **extra}
 
 
 def wait_score(priority: int, created_at: float) -> int:

@@ -33,6 +33,11 @@ from broker.settings import Settings
 
 STATUS_EVENT = {"succeeded": "job.succeeded", "failed": "job.failed",
                 "cancelled": "job.cancelled"}
+RESPONSE_EVENT = {"succeeded": "response.completed", "failed": "response.failed",
+                  "cancelled": "response.cancelled"}
+JOB_EVENTS = tuple(STATUS_EVENT.values())
+RESPONSE_EVENTS = (*RESPONSE_EVENT.values(), "response.incomplete")
+BATCH_EVENTS = ("batch.completed", "batch.cancelled")
 LEASE_MIN_S = 30.0
 
 
@@ -40,15 +45,20 @@ class UnsafeTarget(ValueError):
     """A webhook URL that may not be delivered to; the message says why."""
 
 
-def targets(webhook: str | None, settings: Settings) -> list[dict[str, Any]]:
-    """Everyone a job's end is told to: its own URL (every event), then the endpoints."""
-    own = [{"url": webhook, "events": list(STATUS_EVENT.values())}] if webhook else []
-    return own + [endpoint.model_dump() for endpoint in settings.webhook_endpoints]
+def targets(webhook: str | None, settings: Settings,
+            events: tuple[str, ...] = JOB_EVENTS) -> list[dict[str, Any]]:
+    """Everyone a job's (or a response's, or a batch's) end is told to: its own URL, then
+    the endpoints that want one of `events` (the others never get a delivery queued)."""
+    own = [{"url": webhook, "events": list(events)}] if webhook else []
+    return own + [endpoint.model_dump() for endpoint in settings.webhook_endpoints
+                  if set(endpoint.events) & set(events)]
 
 
-def record_fields(webhook: str | None, settings: Settings) -> dict[str, str]:
-    """What a job's record keeps so that the ending scripts queue its deliveries."""
-    found = targets(webhook, settings)
+def record_fields(webhook: str | None, settings: Settings,
+                  events: tuple[str, ...] = JOB_EVENTS) -> dict[str, str]:
+    """What a job's or batch's record keeps so that the scripts ending it queue its
+    deliveries."""
+    found = targets(webhook, settings, events)
     if not found:
         return {}
     return {"webhooks": json.dumps(found), "hooks": str(len(found)),
@@ -56,14 +66,18 @@ def record_fields(webhook: str | None, settings: Settings) -> dict[str, str]:
 
 
 def delivery_id(member: str) -> str:
-    """The `webhook-id` of a delivery `<job>|<i>`: the same on every try."""
-    job_id, index = member.split("|", 1)
-    return f"msg_{job_id}_{index}"
+    """The `webhook-id` of a delivery `<job>|<i>` or `batch:<id>:<n>|<i>` (a batch's n-th
+    end): the same on every try."""
+    subject, index = member.split("|", 1)
+    return f"msg_{subject.replace(':', '_')}_{index}"
 
 
 def member_of(delivery: str) -> str:
-    job_id, index = delivery.removeprefix("msg_").rsplit("_", 1)
-    return f"{job_id}|{index}"
+    subject, index = delivery.removeprefix("msg_").rsplit("_", 1)
+    if subject.startswith("batch_"):
+        _, batch_id, n = subject.split("_")
+        subject = f"batch:{batch_id}:{n}"
+    return f"{subject}|{index}"
 
 
 def secret_bytes(secret: str) -> bytes:
@@ -84,14 +98,38 @@ def signed_headers(secret: str, message_id: str, body: bytes,
             "content-type": "application/json", "user-agent": "tokenpool-webhooks"}
 
 
-def payload(member: str, record: dict[str, Any]) -> dict[str, Any]:
-    """The event for a job's end: the same body on every try (its time is the job's end)."""
+def event_type(record: dict[str, Any]) -> str | None:
+    """What a job's end is called: a response's in OpenAI's names (None: not ended)."""
     status = record["status"]
-    data = {"id": record["id"], "kind": record["kind"], "model": record["model"],
-            "status": status, "result": record.get("result"), "error": record.get("error"),
-            "usage": record.get("usage")}
-    return {"id": delivery_id(member), "object": "event", "type": STATUS_EVENT[status],
+    if not record.get("response"):
+        return STATUS_EVENT.get(status)
+    cut = (record.get("result") or {}).get("finish_reason") == "length"
+    return "response.incomplete" if status == "succeeded" and cut else RESPONSE_EVENT.get(status)
+
+
+def payload(member: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The event for a job's end: the same body on every try (its time is the job's end).
+    A response's data is as OpenAI's webhooks have it: the response's id (and our job's)."""
+    kind = event_type(record)
+    assert kind is not None
+    if record.get("response"):
+        data: dict[str, Any] = {"id": f"resp_{record['id']}", "job": record["id"]}
+    else:
+        data = {"id": record["id"], "kind": record["kind"], "model": record["model"],
+                "status": record["status"], "result": record.get("result"),
+                "error": record.get("error"), "usage": record.get("usage")}
+    return {"id": delivery_id(member), "object": "event", "type": kind,
             "created_at": int(record.get("finished_at") or time.time()), "data": data}
+
+
+def batch_payload(member: str, progress: dict[str, Any], completed_at: float,
+                  ) -> dict[str, Any]:
+    """The event for a batch whose every item has ended: its counts as GET shows them."""
+    kind = "batch.cancelled" if progress["status"] == "cancelled" else "batch.completed"
+    data = {k: progress.get(k) for k in ("id", "kind", "model", "status", "total", "counts",
+                                          "tokens")}
+    return {"id": delivery_id(member), "object": "event", "type": kind,
+            "created_at": int(completed_at), "data": data}
 
 
 def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

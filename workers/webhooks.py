@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import httpx
 from celery import Celery
 
+from broker.batches import progress
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.store import JobStore
 from broker.webhooks import (
-    STATUS_EVENT,
     Outbox,
     UnsafeTarget,
+    batch_payload,
     check_target,
     delivery_id,
+    event_type,
     payload,
     signed_headers,
 )
@@ -35,13 +38,11 @@ class Deliverer:
 
     def deliver(self, member: str) -> str:
         """One try of one delivery: its outcome."""
-        job_id, index = member.split("|", 1)
-        record = self.store.get(job_id)
-        if record is None or STATUS_EVENT.get(record["status"]) is None:
+        found = self.event_of(member)
+        if found is None:
             return self.outbox.failed(member, self.settings.webhook_max_attempts,
-                                      "the job's record is gone (expired) or it has not ended")
-        target = (record.get("webhooks") or [])[int(index)]
-        event = payload(member, record)
+                                      "its job or batch record is gone (expired)")
+        event, target = found
         if event["type"] not in target["events"]:
             self.outbox.skipped(member, f"{event['type']} not wanted")
             return "skipped"
@@ -56,13 +57,30 @@ class Deliverer:
             return outcome
         if 200 <= status < 300:
             self.outbox.delivered(member, status)
-            log.info("webhook %s (%s, job %s) delivered: %s", delivery_id(member),
-                     event["type"], job_id, status)
+            log.info("webhook %s (%s) delivered: %s", delivery_id(member), event["type"],
+                     status)
             return "delivered"
         outcome = self.outbox.failed(member, attempts, f"HTTP {status}")
         log.warning("webhook %s to %s: HTTP %s; %s", delivery_id(member), target["url"], status,
                     outcome)
         return outcome
+
+    def event_of(self, member: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The delivery's event and its target (None: the record is gone)."""
+        subject, index = member.split("|", 1)
+        if subject.startswith("batch:"):
+            _, batch_id, _ = subject.split(":")
+            raw: Any = self.outbox.redis.hgetall(self.outbox.keys.batch(batch_id))
+            fields = {k.decode(): v.decode() for k, v in raw.items()}
+            if not fields.get("webhooks"):
+                return None
+            event = batch_payload(member, progress(fields, time.time()),
+                                  float(fields.get("completed_at") or time.time()))
+            return event, json.loads(fields["webhooks"])[int(index)]
+        record = self.store.get(subject)
+        if record is None or event_type(record) is None:
+            return None
+        return payload(member, record), (record.get("webhooks") or [])[int(index)]
 
     def post(self, url: str, body: bytes, message_id: str) -> int:
         """POST, no redirects followed, at most webhook_max_response_bytes of the answer read."""

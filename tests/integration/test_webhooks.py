@@ -101,10 +101,21 @@ class Receiver:
 
 
 @pytest.fixture(scope="module")
+def endpoint() -> Iterator[Receiver]:
+    """A receiver named in the settings, for responses' and batches' ends only."""
+    made = Receiver()
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
 def hooks(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory,
-          ) -> Iterator[Stack]:
+          endpoint: Receiver) -> Iterator[Stack]:
     config = tmp_path_factory.mktemp("hooks") / "tokenpool.toml"
-    config.write_text(CONFIG)
+    config.write_text(CONFIG.replace("[models.chat]", f"""[[webhook_endpoints]]
+url = "{endpoint.url}"
+events = ["response.completed", "response.incomplete", "batch.completed"]
+[models.chat]"""))
     with running_stack(redis_server.url, config, tmp_path_factory.mktemp("hooks-logs"),
                        {"chat": "chat"}, PREFIX) as stack:
         child = stack.supervisor.add("webhooks", tokenpool_argv("webhooks"))
@@ -213,3 +224,44 @@ def test_a_delivery_out_of_tries_is_dead_lettered_and_can_be_delivered_again(
     assert delivery not in {d["id"] for d in listed}
     missing = hooks.http.post(f"/v1/webhooks/dead-letters/msg_{'0' * 32}_0/redeliver")
     assert missing.status_code == 404
+
+
+def test_a_batch_tells_its_webhook_once_when_every_item_has_ended(
+    hooks: Stack, receiver: Receiver, endpoint: Receiver
+) -> None:
+    reply = hooks.http.post("/v1/batches", json={
+        "kind": "summarize", "model": "chat", "webhook": receiver.url,
+        "options": {"max_tokens": 4}, "items": [{"id": f"i{n}", "text": "Hello there."}
+                                                 for n in range(3)]})
+    assert reply.status_code == 202, reply.text
+    batch_id = reply.json()["id"]
+    deadline = time.monotonic() + 60
+    delivery = f"msg_batch_{batch_id}_1_0"
+    while delivery not in receiver.answered:
+        assert time.monotonic() < deadline, list(receiver.tries)
+        time.sleep(0.05)
+    (event,) = receiver.tries[delivery]
+    assert event["type"] == "batch.completed" and event["data"]["id"] == batch_id
+    assert event["data"]["counts"]["succeeded"] == 3 and event["data"]["total"] == 3
+    time.sleep(1.0)  # its items are jobs: none of them told this batch's webhook
+    assert [k for k in receiver.tries if k != delivery] == []
+    while f"msg_batch_{batch_id}_1_1" not in endpoint.answered:  # the endpoint wants it too
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_settings_endpoint_hears_a_response_end_in_openais_terms_and_not_plain_jobs(
+    hooks: Stack, endpoint: Receiver
+) -> None:
+    client = openai.OpenAI(base_url=f"{hooks.url}/v1", api_key="unused", max_retries=0)
+    made = client.responses.create(model="chat", input="Hi.", max_output_tokens=4)
+    job_id = made.id.removeprefix("resp_")
+    (event,) = endpoint.delivered(job_id)
+    assert event["type"] in ("response.completed", "response.incomplete")
+    assert event["data"]["id"] == made.id
+    assert event["type"] == f"response.{made.status}"
+    plain = hooks.submit(SHORT)
+    hooks.wait_final(plain)
+    # job.succeeded is not among its events: nothing is even queued for it
+    assert not hooks.redis.exists(hooks.keys.webhook(f"{plain}|0"))
+    assert "hooks" not in {k.decode() for k in hooks.redis.hkeys(hooks.keys.job(plain))}

@@ -72,3 +72,13 @@ def test_a_jobs_targets_are_its_own_url_then_the_endpoints_and_ids_round_trip() 
     body = payload(member, record)
     assert body["type"] == "job.cancelled" and body["id"] == delivery_id(member)
     assert body["created_at"] == 1_800_000_000 and payload(member, record) == body
+
+
+def test_a_batch_delivery_id_round_trips_and_a_response_is_told_in_openais_names() -> None:
+    member = f"batch:{'b' * 32}:2|0"
+    assert delivery_id(member) == f"msg_batch_{'b' * 32}_2_0"
+    assert member_of(delivery_id(member)) == member
+    response = {"id": "c" * 32, "kind": "generate", "model": "chat", "status": "succeeded",
+                "response": {"store": True}, "result": {"finish_reason": "length"}}
+    body = payload(f"{'c' * 32}|0", response)
+    assert body["type"] == "response.incomplete" and body["data"]["id"] == f"resp_{'c' * 32}"
