@@ -187,11 +187,18 @@ def test_batch_summarize_writes_every_result_and_resumes_after_ctrl_c(
     assert [line["id"] for line in lines] == [f"meeting-{i}.txt" for i in range(4)]
     assert all(line["status"] == "succeeded" and line["result"]["summary"] for line in lines)
     assert "succeeded" in run.stderr and "4/4" in run.stderr
-    # Ctrl-C while following: the batch goes on; `batch follow` picks it up again. Long
-    # summaries, so that it is still running when the signal comes (40 tokens each finished
-    # before it in one CI run, with the summary worker warm from earlier tests).
+    # Ctrl-C while following: the batch goes on; `batch follow` picks it up again. Texts
+    # longer than the summary model's context (map-reduce, several calls each), so that it
+    # is surely still running when the signal comes: four one-line notes, even with 240
+    # tokens asked, were summarised before it in two CI runs.
+    long_notes = tmp_path / "long"
+    long_notes.mkdir()
+    for i in range(4):
+        (long_notes / f"meeting-{i}.txt").write_text(" ".join(
+            f"Point {n}: the team discussed release {i}.{n} and agreed on the next steps."
+            for n in range(60)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPOOL_")}
-    proc = subprocess.Popen(tokenpool_argv("batch", "summarize", str(notes), "-n", "240",
+    proc = subprocess.Popen(tokenpool_argv("batch", "summarize", str(long_notes), "-n", "40",
                                            "--url", stack.url),
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env=env)
