@@ -60,6 +60,23 @@ def prompt_tokens(model: TextModel, prompt: Prompt) -> list[int]:
     return tokens
 
 
+@dataclass(frozen=True)
+class Published:
+    """What earlier attempts of a job published: the text a new attempt goes on after, and
+    (when the job asked for them) its tokens' log-probabilities. Read once, at the start."""
+
+    text: str = ""
+    logprobs: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, token_events: list[dict[str, Any]]) -> Published:
+        return cls("".join(e["text"] for e in token_events),
+                   tuple(entry for e in token_events for entry in e.get("logprobs") or []))
+
+
+NOTHING = Published()
+
+
 def continued(
     model: TextModel, prompt: list[int], resume: str
 ) -> tuple[list[int], Generation]:
@@ -70,11 +87,12 @@ def continued(
 
 
 def run_generate(
-    job: GenerateJob, model: TextModel, spec: ModelSpec, out: EventWriter, resume: str = ""
+    job: GenerateJob, model: TextModel, spec: ModelSpec, out: EventWriter,
+    earlier: Published = NOTHING,
 ) -> Outcome:
     prompt = render_generate(job, spec.chat_format)
-    context, gen = continued(model, prompt_tokens(model, prompt), resume)
-    pieces = [resume]
+    context, gen = continued(model, prompt_tokens(model, prompt), earlier.text)
+    pieces = [earlier.text]
     sent = 0  # token log-probabilities already sent with a token event
 
     def emit(text: str) -> None:
@@ -88,9 +106,7 @@ def run_generate(
     result = {"text": text, "finish_reason": gen.finish_reason,
               **checked_output(job, text, gen.finish_reason)}
     if job.logprobs:  # those of an earlier attempt's tokens came with its token events
-        earlier = [entry for event in (out.store.published_tokens(out.job_id) if resume else [])
-                   for entry in event.get("logprobs") or []]
-        result["logprobs"] = earlier[:len(earlier) - len(gen.logprobs)] + gen.logprobs
+        result["logprobs"] = [*earlier.logprobs, *gen.logprobs]
     return Outcome(
         result=result,
         usage={"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens},

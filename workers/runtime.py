@@ -24,7 +24,14 @@ from workers.control import ControlLoop
 from workers.engine import EmbeddingModel, TextModel
 from workers.gpu import layers_on, torch_device
 from workers.heartbeat import Heartbeat, Periodic
-from workers.runners import Outcome, run_embed, run_generate, run_summarize
+from workers.runners import (
+    NOTHING,
+    Outcome,
+    Published,
+    run_embed,
+    run_generate,
+    run_summarize,
+)
 from workers.state import IllegalTransition, StateMachine
 from workers.telemetry import TokenRate, gpu_memory, host_memory
 from workers.writer import EventWriter, JobCancelled, JobGone, JobTimedOut
@@ -254,11 +261,13 @@ class WorkerRuntime:
         out = EventWriter(self.store, job_id, started.attempt, started.next_seq,
                           started.deadline, record.get("created_at") or first_start, first_start,
                           on_token=self.rate.add)
-        resume = self.store.published_text(job_id) if started.attempt > 1 else ""
+        earlier = (Published.of(self.store.published_tokens(job_id)) if started.attempt > 1
+                   else NOTHING)
         log.info("job %s: %s attempt %d%s", job_id, kind, started.attempt,
-                 f", going on after {len(resume)} published characters" if resume else "")
+                 f", going on after {len(earlier.text)} published characters"
+                 if earlier.text else "")
         try:
-            outcome = self._execute(record, kind, out, resume)
+            outcome = self._execute(record, kind, out, earlier)
         except JobCancelled:
             out.cancelled()
             log.info("job %s: cancelled", job_id)
@@ -292,7 +301,7 @@ class WorkerRuntime:
         return "handed_back"
 
     def _execute(
-        self, record: dict[str, Any], kind: str, out: EventWriter, resume: str
+        self, record: dict[str, Any], kind: str, out: EventWriter, earlier: Published
     ) -> Outcome:
         job = JOB_REQUEST.validate_python(record.get("request"))
         if job.kind != kind or MODEL_KIND_OF_JOB[kind] != self.spec.kind:
@@ -303,9 +312,10 @@ class WorkerRuntime:
         if isinstance(job, EmbedJob):
             return run_embed(job, model, out)  # type: ignore[arg-type]
         if isinstance(job, GenerateJob):
-            return run_generate(job, model, self.spec, out, resume)  # type: ignore[arg-type]
+            return run_generate(job, model, self.spec, out, earlier)  # type: ignore[arg-type]
         overlap = self.settings.summary_chunk_overlap_tokens
-        return run_summarize(job, model, self.spec, out, overlap, resume)  # type: ignore[arg-type]
+        return run_summarize(job, model, self.spec, out, overlap,  # type: ignore[arg-type]
+                             earlier.text)
 
 
 class WrongModelKind(ValueError):

@@ -196,6 +196,23 @@ def test_a_worker_killed_mid_response_leaves_the_responses_stream_exact(crash):
     assert [e.to_dict() for e in again] == [e.to_dict() for e in events]
 
 
+def test_a_resumed_job_keeps_every_tokens_log_probability_once(crash):
+    """A job asking for logprobs, its worker killed mid-generation: the result's logprobs are
+    the earlier attempt's (as published) then the new one's, one per generated token."""
+    ready(crash)
+    job_id = crash.submit({**STORY, "logprobs": True, "top_logprobs": 2})
+    first = started_attempt(crash, job_id, 1, min_tokens_after=10)
+    os.kill(pid_of(first["worker"]), signal.SIGKILL)
+    job = final_job(crash, job_id, 90)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    published = [entry for e in crash.stream(job_id) if e["type"] == "token"
+                 for entry in e.get("logprobs") or []]
+    logprobs = job["result"]["logprobs"]
+    assert logprobs == published and len(logprobs) == job["usage"]["completion_tokens"]
+    assert "".join(entry["token"] for entry in logprobs) == job["result"]["text"]
+    assert all(len(entry["top_logprobs"]) == 2 for entry in logprobs)
+
+
 def test_a_worker_that_stalls_loses_its_job_and_its_late_writes_are_refused(crash):
     ready(crash)
     job_id = crash.submit(STORY)

@@ -145,3 +145,14 @@ def test_the_last_text_is_settled_before_generation_returns():
     generate_text(model, [0], Sampling(max_tokens=10), Generation(prompt_tokens=1),
                   emitted.append, lambda: settled.append(list(emitted)))
     assert emitted == ["a", "\ufffd"] and settled[-1] == ["a", "\ufffd"]
+
+
+def test_what_earlier_attempts_published_is_their_text_and_their_log_probabilities():
+    from workers.runners import NOTHING, Published
+
+    events = [{"text": "Once", "logprobs": [{"token": "Once", "logprob": -0.1}]},
+              {"text": " upon"}, {"text": " a", "logprobs": [{"token": " a", "logprob": -1.0}]}]
+    earlier = Published.of(events)
+    assert earlier.text == "Once upon a"
+    assert [e["token"] for e in earlier.logprobs] == ["Once", " a"]
+    assert Published.of([]) == NOTHING
