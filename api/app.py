@@ -23,6 +23,7 @@ from api import (
     batch,
     batches,
     deadletters,
+    files,
     jobs,
     metrics,
     openai_compat,
@@ -132,7 +133,7 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
 
     return Starlette(
         routes=[*ops.routes, *auth.routes, *batch.routes, *batches.routes, *jobs.routes,
-                *deadletters.routes, *openai_compat.routes, *responses.routes,
+                *deadletters.routes, *files.routes, *openai_compat.routes, *responses.routes,
                 *webhooks.routes, *workers.routes, *metrics.routes,
                 *openapi.routes],
         lifespan=lifespan,

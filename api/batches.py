@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from api import openai_batches
 from api.admission import admit, check_webhook
 from api.auth import check_model, enforce_quota, may_see, owner_of
 from api.errors import REDIS_RETRY_AFTER_S, ApiError, field_name, from_validation
@@ -111,6 +112,10 @@ async def create_batch(request: Request) -> JSONResponse:
     state = request.app.state
     body = await read_body(request, state.settings.max_batch_body_bytes)
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if content_type not in JSONL_TYPES:
+        data = parse_json(body)
+        if isinstance(data, dict) and "input_file_id" in data:  # OpenAI's Batch API
+            return JSONResponse(await openai_batches.create(request, data))
     parsed = parse_jsonl(body, request) if content_type in JSONL_TYPES else parse_json_body(body)
     await check_items(state, parsed)
     check_model(request, parsed.spec.model_name())
@@ -149,20 +154,41 @@ async def fields_of(request: Request, batch_id: str) -> dict[str, str]:
     return fields
 
 
+async def shown(request: Request, fields: dict[str, str]) -> dict[str, Any]:
+    """A batch in the shape it was made in: OpenAI's for one made from an input file."""
+    if openai_batches.is_openai(fields):
+        return await openai_batches.batch_object(request, fields)
+    return progress(fields, time.time())
+
+
 async def get_batch(request: Request) -> JSONResponse:
-    return JSONResponse(progress(await fields_of(request, batch_id_of(request)), time.time()))
+    return JSONResponse(await shown(request, await fields_of(request, batch_id_of(request))))
 
 
 async def list_batches(request: Request) -> JSONResponse:
+    """The last 100 (OpenAI's `after` and `limit` taken), newest first, each in its shape."""
     state = request.app.state
+    try:
+        limit = min(100, max(1, int(request.query_params.get("limit", "100"))))
+    except ValueError:
+        raise ApiError(400, "invalid_request", "limit: an integer from 1 to 100",
+                       "limit") from None
     ids = [i.decode() for i in await state.redis.zrevrange(state.keys.batches(), 0, 99)]
+    after = request.query_params.get("after")
+    if after in ids:
+        ids = ids[ids.index(after) + 1:]
     data = []
     for batch_id in ids:
         raw = await state.redis.hgetall(state.keys.batch(batch_id))
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         if fields and may_see(request, fields.get("owner")):
-            data.append(progress(fields, time.time()))
-    return JSONResponse({"object": "list", "data": data})
+            data.append(await shown(request, fields))
+        if len(data) > limit:
+            break
+    page = data[:limit]
+    return JSONResponse({"object": "list", "data": page, "has_more": len(data) > limit,
+                         "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None})
 
 
 async def record_line(state: Any, index: int, entry: dict[str, str]) -> dict[str, Any] | None:
@@ -280,6 +306,15 @@ async def cancel_batch(request: Request) -> JSONResponse:
     return JSONResponse({"id": batch_id, "cancelled": outcomes})
 
 
+async def cancel_batch_openai(request: Request) -> JSONResponse:
+    """`POST /v1/batches/{id}/cancel` (OpenAI's way; DELETE is the native one): the batch."""
+    state = request.app.state
+    batch_id = batch_id_of(request)
+    await fields_of(request, batch_id)
+    await anyio.to_thread.run_sync(state.batches.cancel, batch_id)
+    return JSONResponse(await shown(request, await fields_of(request, batch_id)))
+
+
 async def retry_batch(request: Request) -> JSONResponse:
     state = request.app.state
     batch_id = batch_id_of(request)
@@ -304,4 +339,5 @@ routes = [
     Route("/v1/batches/{batch_id}/results", batch_results, methods=["GET"]),
     Route("/v1/batches/{batch_id}/events", batch_events, methods=["GET"]),
     Route("/v1/batches/{batch_id}/retry", retry_batch, methods=["POST"]),
+    Route("/v1/batches/{batch_id}/cancel", cancel_batch_openai, methods=["POST"]),
 ]

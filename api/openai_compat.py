@@ -401,15 +401,18 @@ async def complete(request: Request, job_id: str, shape: Shape, body: _Sampled) 
 
 def default_max_tokens(request: Request, model: str) -> int:
     """No max_tokens: up to the model's cap, as OpenAI's chat endpoint goes to the context."""
-    spec = request.app.state.settings.models.get(model)
+    return model_cap(request.app.state.settings, model)
+
+
+def model_cap(settings: Any, model: str) -> int:
+    spec = settings.models.get(model)
     return spec.max_tokens if spec is not None else 1
 
 
-@openai_route
-async def chat_completions(request: Request) -> Response:
-    body = await parsed(request, ChatRequest)
-    max_tokens = (body.max_completion_tokens or body.max_tokens
-                  or default_max_tokens(request, body.model))
+def chat_job(body: ChatRequest, settings: Any) -> tuple[GenerateJob, list[Function] | None]:
+    """The job of a chat request, and the functions its answer may call (None: plain text)."""
+    max_tokens = body.max_completion_tokens or body.max_tokens or model_cap(settings,
+                                                                            body.model)
     messages, fields = [m.plain() for m in body.messages], body.job_fields()
     functions = body.functions()
     if functions is not None:
@@ -419,6 +422,41 @@ async def chat_completions(request: Request) -> Response:
             "schema": answer_schema(functions, body.tool_choice, body.parallel_tool_calls)}}
     job: GenerateJob = as_job({"kind": "generate", "model": body.model,
                                "max_tokens": max_tokens, "messages": messages, **fields})
+    return job, functions
+
+
+def completion_job(body: CompletionRequest) -> GenerateJob:
+    job: GenerateJob = as_job({
+        "kind": "generate", "model": body.model, "prompt": body.prompt,
+        "max_tokens": body.max_tokens or OPENAI_COMPLETIONS_MAX_TOKENS, **body.job_fields(),
+    })
+    return job
+
+
+def embedding_job(body: EmbeddingRequest, settings: Any) -> EmbedJob:
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    job: EmbedJob = as_job({"kind": "embed", "model": body.model, "texts": texts})
+    spec = settings.models.get(body.model)
+    dims = spec.dimensions if spec is not None else None
+    if body.dimensions is not None and dims is not None and body.dimensions != dims:
+        raise ApiError(400, "invalid_request", f"dimensions: model {body.model!r} gives "
+                       f"{dims} dimensions, not {body.dimensions}", "dimensions")
+    return job
+
+
+def embedding_list(record: dict[str, Any], model: str, encoding: str) -> dict[str, Any]:
+    """OpenAI's embeddings answer from a finished embed job."""
+    data = [{"object": "embedding", "index": i, "embedding": encoded(v, encoding)}
+            for i, v in enumerate(record["result"]["embeddings"])]
+    tokens = (record.get("usage") or {}).get("prompt_tokens", 0)
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+@openai_route
+async def chat_completions(request: Request) -> Response:
+    body = await parsed(request, ChatRequest)
+    job, functions = chat_job(body, request.app.state.settings)
     try:
         job_id = await queue(request, job)
     except ApiError as exc:  # the tools' schema is ours: name the tools, not response_format
@@ -434,10 +472,7 @@ async def chat_completions(request: Request) -> Response:
 @openai_route
 async def completions(request: Request) -> Response:
     body = await parsed(request, CompletionRequest)
-    job: GenerateJob = as_job({
-        "kind": "generate", "model": body.model, "prompt": body.prompt,
-        "max_tokens": body.max_tokens or OPENAI_COMPLETIONS_MAX_TOKENS, **body.job_fields(),
-    })
+    job = completion_job(body)
     job_id = await queue(request, job)
     shape = Shape(job_id, body.model, chat=False, logprobs=job.logprobs)
     return await complete(request, job_id, shape, body)
@@ -452,13 +487,7 @@ def encoded(vector: list[float], encoding: str) -> list[float] | str:
 @openai_route
 async def embeddings(request: Request) -> Response:
     body = await parsed(request, EmbeddingRequest)
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    job: EmbedJob = as_job({"kind": "embed", "model": body.model, "texts": texts})
-    spec = request.app.state.settings.models.get(body.model)
-    dims = spec.dimensions if spec is not None else None
-    if body.dimensions is not None and dims is not None and body.dimensions != dims:
-        raise ApiError(400, "invalid_request", f"dimensions: model {body.model!r} gives "
-                       f"{dims} dimensions, not {body.dimensions}", "dimensions")
+    job = embedding_job(body, request.app.state.settings)
     job_id = await queue(request, job)
     headers = {JOB_HEADER: job_id}
 
@@ -467,12 +496,7 @@ async def embeddings(request: Request) -> Response:
         if record["status"] != "succeeded":
             error = record.get("error") or {"type": record["status"], "message": "not done"}
             return openai_error(ApiError(500, error["type"], error["message"]), headers)
-        vectors = record["result"]["embeddings"]
-        data = [{"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}
-                for i, v in enumerate(vectors)]
-        tokens = (record.get("usage") or {}).get("prompt_tokens", 0)
-        return JSONResponse({"object": "list", "data": data, "model": body.model,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+        return JSONResponse(embedding_list(record, body.model, body.encoding_format),
                             headers=headers)
 
     return await until_disconnect(request, job_id, whole)

@@ -24,6 +24,9 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "properties": {"type": {"type": "string"}, "message": {"type": "string"},
                    "field": {"type": ["string", "null"]}}}}}
 OBJECT = {"type": "object"}
+UPLOAD = {"type": "object", "required": ["file", "purpose"], "properties": {
+    "file": {"type": "string", "format": "binary"},
+    "purpose": {"type": "string", "enum": ["batch"]}}}
 
 
 class BatchBody(BatchSpec):
@@ -119,6 +122,17 @@ def document() -> dict[str, Any]:
         "/v1/responses/{response_id}/export": {"get": op(
             "the conversation up to a response (JSONL)", params=["response_id"],
             media="application/jsonl")},
+        "/v1/batches/{batch_id}/cancel": {"post": op("cancel a batch (OpenAI's way)",
+                                                     params=["batch_id"])},
+        "/v1/files": {"post": {**op("upload a batch input file (OpenAI's Files API)"),
+                               "requestBody": {"required": True, "content": {
+                                   "multipart/form-data": {"schema": UPLOAD}}}},
+                      "get": op("files")},
+        "/v1/files/{file_id}": {"get": op("a file", params=["file_id"]),
+                                "delete": op("delete a file", params=["file_id"])},
+        "/v1/files/{file_id}/content": {"get": op("a file's content (JSONL)",
+                                                  params=["file_id"],
+                                                  media="application/jsonl")},
         "/v1/webhooks/dead-letters": {"get": op("webhook deliveries that ran out of tries")},
         "/v1/webhooks/dead-letters/{delivery_id}/redeliver": {"post": op(
             "deliver a dead webhook again", "202", params=["delivery_id"])},

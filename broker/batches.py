@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from broker.celery_app import bulk_groups, send_group
 from broker.constraints import ResponseFormat
 from broker.keys import Keys
-from broker.messages import JOB_REQUEST, EmbedJob, JobRequest, SummarizeJob
+from broker.messages import JOB_REQUEST, EmbedJob, GenerateJob, JobRequest, SummarizeJob
 from broker.settings import Settings
 from broker.store import BATCH_RUNNING, JobStore, new_record
 from broker.webhooks import BATCH_EVENTS, record_fields
@@ -58,7 +58,7 @@ class BatchOptions(BaseModel):
 class BatchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["summarize", "embed"]
+    kind: Literal["summarize", "embed", "generate"]
     model: str | None = Field(None, min_length=1)
     priority: int = Field(BATCH_PRIORITY, ge=0, le=9)
     options: BatchOptions = BatchOptions()
@@ -73,8 +73,10 @@ class BatchSpec(BaseModel):
 
     def model_name(self) -> str:
         """The model its jobs go to: the given one, else the job kind's default."""
-        job_type = EmbedJob if self.kind == "embed" else SummarizeJob
-        return self.model or str(job_type.model_fields["model"].default)
+        defaults = {"embed": EmbedJob.model_fields["model"].default,
+                    "summarize": SummarizeJob.model_fields["model"].default,
+                    "generate": GenerateJob.model_fields["model"].default}
+        return self.model or str(defaults[self.kind])
 
     def job(self, text: str) -> JobRequest:
         """The job of one item (raises ValidationError naming the job's field)."""
@@ -82,6 +84,9 @@ class BatchSpec(BaseModel):
         if self.kind == "embed":
             fields = {"texts": [text], **{k: v for k, v in options.items()
                                           if k in ("normalize", "timeout_s")}}
+        elif self.kind == "generate":  # an item's text is its prompt
+            fields = {"prompt": text, **{k: v for k, v in options.items()
+                                         if k not in ("normalize", "instructions")}}
         else:
             fields = {"text": text, **{k: v for k, v in options.items() if k != "normalize"}}
         model = {"model": self.model} if self.model else {}

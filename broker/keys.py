@@ -143,6 +143,18 @@ class Keys:
         `(9 - priority) * 1e13 + created_ms`): ZRANK is a job's place in the queue."""
         return f"{self.prefix}:waiting:{model}"
 
+    def file(self, file_id: str) -> str:
+        """Hash: an uploaded (or a batch's output) file's metadata (OpenAI's Files API)."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        """String: that file's bytes."""
+        return f"{self.prefix}:file:{file_id}:content"
+
+    def files(self) -> str:
+        """Sorted set: file ids by creation time."""
+        return f"{self.prefix}:files"
+
     def webhooks_due(self) -> str:
         """Sorted set: deliveries `<job id>|<target>` by when they are next due (the webhooks
         process claims due ones with a lease, and puts failed ones back for later)."""

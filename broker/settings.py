@@ -266,6 +266,11 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body")
     max_batch_jobs: int = Field(1000, ge=1, description="most jobs in one POST /v1/jobs/batch")
+    max_file_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest file POST /v1/files takes (OpenAI's "
+        "Batch API input; files live in Redis)")
+    files_ttl_s: int = Field(30 * 86_400, ge=60,
+                             description="life of an uploaded or output file in Redis")
     job_ttl_s: int = Field(86_400, ge=1, description="job record and stream life after it ends")
     live_ttl_s: int = Field(7 * 86_400, ge=60, description="life of a job not yet ended")
     responses_ttl_s: int = Field(

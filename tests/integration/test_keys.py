@@ -202,6 +202,7 @@ def test_the_openai_clients_api_key_is_the_bearer_token(open_stack: Stack,
 # api.auth.ROUTE_SCOPES; a unit test checks that it covers every route).
 REACHES = {
     "jobs": {"/ready", "/openapi.json", "/v1/usage", "/v1/models", "/v1/jobs", "/v1/batches",
+             "/v1/files",
              "/v1/dead-letters", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
              "/v1/responses"},
     "fleet:read": {"/ready", "/openapi.json", "/v1/usage", "/v1/models", "/v1/workers",
@@ -247,7 +248,8 @@ def test_scopes_are_enforced_on_every_route_of_the_app(open_stack: Stack,
             continue
         path = route.path.format(job_id="0" * 32, batch_id="0" * 32, name="nobody@host",
                                  response_id="resp_" + "0" * 32,
-                                 delivery_id=f"msg_{'0' * 32}_0")
+                                 delivery_id=f"msg_{'0' * 32}_0",
+                                 file_id=f"file-{'0' * 32}")
         for method in sorted(set(route.methods or ()) - {"HEAD"}):
             for scope, token in scoped.items():
                 reply = open_stack.http.request(method, path, headers=bearer(token),

@@ -98,9 +98,12 @@ def walk_routes(stack: Stack, headers: dict[str, str]) -> dict[str, tuple[int, d
     for route in app.routes:
         for method in sorted(set(route.methods or ()) - {"HEAD"}):
             path = route.path.format(job_id=JOB, batch_id=JOB, name="chat-cpu-1@host",
-                                     response_id=f"resp_{JOB}", delivery_id=f"msg_{JOB}_0")
+                                     response_id=f"resp_{JOB}", delivery_id=f"msg_{JOB}_0",
+                                     file_id=f"file-{JOB}")
             body = BODIES.get(route.path) if method == "POST" else None
-            reply = stack.http.request(method, path, json=body, headers=headers, timeout=30)
+            upload = {"files": {"file": ("in.jsonl", b"{}\n")}, "data": {"purpose": "batch"}} \
+                if (method, route.path) == ("POST", "/v1/files") else {"json": body}
+            reply = stack.http.request(method, path, headers=headers, timeout=30, **upload)
             try:
                 payload = reply.json()
             except json.JSONDecodeError:
