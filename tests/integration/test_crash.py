@@ -321,12 +321,13 @@ def test_an_openai_batch_survives_a_killed_worker_and_a_restarted_api(crash):
     ready(crash)
     client = openai.OpenAI(base_url=f"{crash.url}/v1", api_key="unused", max_retries=5,
                            timeout=60)
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-              "body": {"model": "chat", "prompt": f"Story {i}:", "max_tokens": 40,
-                       "temperature": 0}} for i in range(40)]
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "chat", "max_tokens": 24, "temperature": 0,
+                       "messages": [{"role": "user", "content": f"Tell story {i}."}]}}
+             for i in range(100)]
     body = "".join(json.dumps(line) + "\n" for line in lines).encode()
     file_id = client.files.create(file=("in.jsonl", body), purpose="batch").id
-    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/completions",
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
     job_ids = [json.loads(raw)["job"] for raw in
                crash.redis.lrange(crash.keys.batch_items(batch.id), 0, -1)]
@@ -340,15 +341,16 @@ def test_an_openai_batch_survives_a_killed_worker_and_a_restarted_api(crash):
     while (done := client.batches.retrieve(batch.id)).status != "completed":
         assert time.monotonic() < deadline and done.status == "in_progress", done.status
         time.sleep(0.5)
-    assert done.request_counts.completed == 40 and done.error_file_id is None
+    assert done.request_counts.completed == 100 and done.error_file_id is None
     out = [json.loads(line) for line in client.files.content(done.output_file_id).text
            .splitlines()]
-    assert sorted(line["custom_id"] for line in out) == sorted(f"r{i}" for i in range(40))
+    assert sorted(line["custom_id"] for line in out) == sorted(f"r{i}" for i in range(100))
     requeued = [j for j in job_ids if any(e["type"] == "requeued" for e in crash.stream(j))]
     assert requeued  # the killed worker's items went on elsewhere
     for line in out:
         job = final_job(crash, line["response"]["request_id"])
-        assert line["response"]["body"]["choices"][0]["text"] == job["result"]["text"]
+        message = line["response"]["body"]["choices"][0]["message"]
+        assert message["content"] == job["result"]["text"]
 
 
 def test_concurrent_retries_of_one_post_run_the_job_exactly_once(crash):
