@@ -245,8 +245,10 @@ def owner_of(request: Request) -> dict[str, str]:
     if key is None:
         return {}
     keys = request.app.state.keys
+    hooks = {"key_hooks": json.dumps([{**hook, "secret_key": key.id} for hook in key.webhooks])
+             } if key.webhooks else {}
     return {"owner": key.id, "owner_active": keys.key_active(key.id),
-            "owner_tokens": keys.key_tokens(key.id, utc_day(time.time()))}
+            "owner_tokens": keys.key_tokens(key.id, utc_day(time.time())), **hooks}
 
 
 def may_see(request: Request, owner: str | None) -> bool:

@@ -100,7 +100,7 @@ async def create_and_enqueue(
     job_id, created = await store_and_send(state, job, record, idem_key)
     if not created:
         return await _replayed(state, job_id, record["fingerprint"])
-    shown = {k: v for k, v in extra.items() if k != "owner"}
+    shown = {k: v for k, v in extra.items() if k == "requeued_from"}  # not the key's fields
     body = {"id": job_id, "status": "queued", "links": links(job_id), **shown}
     return JSONResponse(body, 202)
 

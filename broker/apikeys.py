@@ -3,6 +3,7 @@ secret), looked up by id and compared in constant time. Managed with `tokenpool 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -46,6 +47,9 @@ class ApiKey:
     max_queued_jobs: int | None = None
     tokens_per_day: int | None = None
     scopes: tuple[str, ...] = DEFAULT_SCOPES
+    # Endpoints told of this key's jobs' ends: [{"url", "events"}], signed with the key's own
+    # webhook secret (kept in Redis beside the key, never shown again after creation).
+    webhooks: list[dict[str, Any]] | None = None
 
     def allows(self, scope: str) -> bool:
         return any(scope in IMPLIES[own] for own in self.scopes)
@@ -72,6 +76,7 @@ def _decode(raw: dict[Any, Any]) -> tuple[ApiKey, str] | None:
                  models=json.loads(f["models"]) if f.get("models") else None,
                  revoked=f.get("revoked") == "1",
                  scopes=tuple(json.loads(f["scopes"])) if "scopes" in f else LEGACY_SCOPES,
+                 webhooks=json.loads(f["webhooks"]) if f.get("webhooks") else None,
                  **limits)
     return key, f["digest"]
 
@@ -94,8 +99,10 @@ class KeyStore:
                models: list[str] | None = None, requests_per_minute: int | None = None,
                max_active_jobs: int | None = None, max_queued_jobs: int | None = None,
                tokens_per_day: int | None = None,
-               scopes: tuple[str, ...] = DEFAULT_SCOPES) -> tuple[ApiKey, str]:
-        """A new key and its token; the token is shown once and stored only as a digest."""
+               scopes: tuple[str, ...] = DEFAULT_SCOPES,
+               webhooks: list[dict[str, Any]] | None = None) -> tuple[ApiKey, str]:
+        """A new key and its token; the token is shown once and stored only as a digest.
+        With webhooks, the key gets its own signing secret (`webhook_secret(key)`)."""
         scopes = checked_scopes(scopes)
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         limits = {"requests_per_minute": requests_per_minute,
@@ -105,18 +112,26 @@ class KeyStore:
                      expires_at=time.time() + expires_in_s if expires_in_s else None,
                      models=models, requests_per_minute=requests_per_minute,
                      max_active_jobs=max_active_jobs, max_queued_jobs=max_queued_jobs,
-                     tokens_per_day=tokens_per_day, scopes=scopes)
+                     tokens_per_day=tokens_per_day, scopes=scopes, webhooks=webhooks)
         fields = {"id": key_id, "name": name, "created_at": repr(key.created_at),
                   "digest": digest(secret), "revoked": "0",
                   "expires_at": repr(key.expires_at) if key.expires_at else "",
                   "models": json.dumps(models) if models else "",
                   "scopes": json.dumps(list(scopes)),
+                  **({"webhooks": json.dumps(webhooks), "webhook_secret":
+                      "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()}
+                     if webhooks else {}),
                   **{k: str(v) if v else "" for k, v in limits.items()}}
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.api_key(key_id), mapping=fields)  # type: ignore[arg-type]
         pipe.sadd(self.keys.api_keys(), key_id)
         pipe.execute()
         return key, f"tp_{key_id}_{secret}"
+
+    def webhook_secret(self, key_id: str) -> str | None:
+        """The secret a key's webhook endpoints are signed with (None: it has none)."""
+        value = self.redis.hget(self.keys.api_key(key_id), "webhook_secret")
+        return value.decode() if isinstance(value, bytes) else value
 
     def list(self) -> list[ApiKey]:
         ids = sorted(i.decode() for i in self.redis.smembers(self.keys.api_keys()))  # type: ignore[union-attr]

@@ -29,7 +29,7 @@ from broker.webhooks import BATCH_EVENTS, record_fields
 CHUNK = 500
 BATCH_PRIORITY = 2  # below interactive jobs' default 5: a big batch never blocks them
 ENDED = ("succeeded", "failed", "cancelled")
-OWNER_FIELDS = ("owner", "owner_active", "owner_tokens")  # an API key's, on its jobs
+OWNER_FIELDS = ("owner", "owner_active", "owner_tokens", "key_hooks")  # an API key's, on its jobs
 T = TypeVar("T")
 
 
@@ -142,14 +142,18 @@ class BatchStore:
         """Store and queue every item's job, a chunk at a time; the batch's id."""
         batch_id = uuid.uuid4().hex
         key = self.keys.batch(batch_id)
+        key_hooks = header.pop("key_hooks", None)  # its API key's webhook endpoints
         fields: dict[str, str] = {
             "id": batch_id, "kind": spec.kind, "priority": str(spec.priority),
             "options": spec.options.model_dump_json(exclude_none=True), "total": "0",
             "status": "creating", "created_at": repr(time.time()), **header,
-            **record_fields(spec.webhook, self.settings, BATCH_EVENTS),
+            **record_fields(spec.webhook, self.settings, BATCH_EVENTS, key_hooks),
+            **({"key_hooks": key_hooks} if key_hooks else {}),  # for its retried items
         }
         self.redis.hset(key, mapping=fields)  # type: ignore[arg-type]
         index, owner = 0, {k: v for k, v in header.items() if k.startswith("owner")}
+        if key_hooks:
+            owner["key_hooks"] = key_hooks
         for chunk in chunks(items):
             index = self._add(batch_id, chunk, index, owner)
         self._running(keys=[key])

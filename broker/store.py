@@ -336,7 +336,9 @@ def timeout_of(job: JobRequest, settings: Settings) -> float:
 
 
 def new_record(job: JobRequest, settings: Settings, **extra: str) -> dict[str, Any]:
-    """The fields a new job's record starts with (the create script adds id and status)."""
+    """The fields a new job's record starts with (the create script adds id and status);
+    `key_hooks` in `extra` (its API key's webhook endpoints) go into its webhook targets."""
+    key_hooks = extra.pop("key_hooks", None)
     request_json = job.model_dump(mode="json")
     fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
     now = time.time()
@@ -346,7 +348,8 @@ def new_record(job: JobRequest, settings: Settings, **extra: str) -> dict[str, A
             "wait_key": Keys(settings.key_prefix).waiting(job.model),
             "wait_score": str(wait_score(job.priority, now)),
             **record_fields(job.webhook, settings,
-                            RESPONSE_EVENTS if "response" in extra else JOB_EVENTS), **extra}
+                            RESPONSE_EVENTS if "response" in extra else JOB_EVENTS, key_hooks),
+            **extra}
 
 
 def wait_score(priority: int, created_at: float) -> int:

@@ -45,20 +45,22 @@ class UnsafeTarget(ValueError):
     """A webhook URL that may not be delivered to; the message says why."""
 
 
-def targets(webhook: str | None, settings: Settings,
-            events: tuple[str, ...] = JOB_EVENTS) -> list[dict[str, Any]]:
-    """Everyone a job's (or a response's, or a batch's) end is told to: its own URL, then
-    the endpoints that want one of `events` (the others never get a delivery queued)."""
+def targets(webhook: str | None, settings: Settings, events: tuple[str, ...] = JOB_EVENTS,
+            key_hooks: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Everyone a job's (or a response's, or a batch's) end is told to: its own URL, its
+    key's endpoints, then the settings' endpoints; of the endpoints, only those that want one
+    of `events` (the others never get a delivery queued)."""
     own = [{"url": webhook, "events": list(events)}] if webhook else []
-    return own + [endpoint.model_dump() for endpoint in settings.webhook_endpoints
-                  if set(endpoint.events) & set(events)]
+    endpoints = [*(key_hooks or []),
+                 *(endpoint.model_dump() for endpoint in settings.webhook_endpoints)]
+    return own + [e for e in endpoints if set(e["events"]) & set(events)]
 
 
-def record_fields(webhook: str | None, settings: Settings,
-                  events: tuple[str, ...] = JOB_EVENTS) -> dict[str, str]:
+def record_fields(webhook: str | None, settings: Settings, events: tuple[str, ...] = JOB_EVENTS,
+                  key_hooks: str | None = None) -> dict[str, str]:
     """What a job's or batch's record keeps so that the scripts ending it queue its
-    deliveries."""
-    found = targets(webhook, settings, events)
+    deliveries (`key_hooks`: its API key's endpoints, JSON, as auth.owner_of gives them)."""
+    found = targets(webhook, settings, events, json.loads(key_hooks) if key_hooks else None)
     if not found:
         return {}
     return {"webhooks": json.dumps(found), "hooks": str(len(found)),

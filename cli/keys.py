@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -15,7 +15,8 @@ from rich.table import Table
 from broker.apikeys import SCOPES, KeyStore, checked_scopes
 from broker.connection import sync_redis
 from broker.keys import Keys
-from broker.settings import Settings
+from broker.settings import WEBHOOK_EVENTS, Settings
+from broker.webhooks import UnsafeTarget, check_target
 from cli.commands import Json, out, print_json
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys (stored hashed in Redis).")
@@ -51,6 +52,12 @@ def create(
     scopes: Annotated[str, typer.Option(
         help=f"comma-separated, of {', '.join(SCOPES)}: jobs its own jobs, fleet:read workers "
         "and metrics, metrics only /metrics (a scrape token), admin everything")] = "jobs",
+    webhook: Annotated[list[str] | None, typer.Option(
+        help="an endpoint told when this key's jobs, responses and batches end (repeatable);"
+        " the key gets its own signing secret, shown once")] = None,
+    webhook_events: Annotated[str | None, typer.Option(
+        help=f"comma-separated events its endpoints want (default all: "
+        f"{', '.join(WEBHOOK_EVENTS)})")] = None,
     as_json: Json = False,
 ) -> None:
     """Create a key; its token is printed once and stored only as a SHA-256 digest."""
@@ -59,16 +66,41 @@ def create(
         granted = checked_scopes([s.strip() for s in scopes.split(",") if s.strip()])
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scopes") from None
+    hooks = endpoints(webhook or [], webhook_events)
     with store() as keys:
         key, token = keys.create(name, seconds(expires_in) if expires_in else None, allowed,
                                  requests_per_minute=rpm, max_active_jobs=max_active,
                                  max_queued_jobs=max_queued,
-                                 tokens_per_day=tokens_per_day, scopes=granted)
+                                 tokens_per_day=tokens_per_day, scopes=granted, webhooks=hooks)
+        signing = keys.webhook_secret(key.id) if hooks else None
     if as_json:
-        print_json({**key.public(), "token": token})
+        print_json({**key.public(), "token": token,
+                    **({"webhook_secret": signing} if signing else {})})
         return
     print(token)
+    if signing:
+        typer.echo(f"webhook secret (verify its deliveries with it; not shown again): {signing}",
+                   err=True)
     typer.echo(f"key {key.id} ({name}) created; the token above is not shown again", err=True)
+
+
+def endpoints(urls: list[str], events: str | None) -> list[dict[str, Any]] | None:
+    """A key's webhook endpoints, each checked as a job's webhook is."""
+    if not urls:
+        return None
+    wanted = [e.strip() for e in events.split(",") if e.strip()] if events else \
+        list(WEBHOOK_EVENTS)
+    unknown = sorted(set(wanted) - set(WEBHOOK_EVENTS))
+    if unknown:
+        raise typer.BadParameter(f"{', '.join(unknown)}; known: {', '.join(WEBHOOK_EVENTS)}",
+                                 param_hint="--webhook-events")
+    settings = Settings()
+    for url in urls:
+        try:
+            check_target(url, settings)
+        except UnsafeTarget as exc:
+            raise typer.BadParameter(f"{url}: {exc}", param_hint="--webhook") from None
+    return [{"url": url, "events": wanted} for url in urls]
 
 
 @keys_app.command("list")

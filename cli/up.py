@@ -30,8 +30,7 @@ def plan(sup: Supervisor, settings: Settings, api_port: int, flower_port: int) -
     sup.add("flower", tokenpool_argv("flower", "--port", str(flower_port)))
     if beat_schedule(settings):  # beat runs only when there is something to fire
         sup.add("beat", tokenpool_argv("beat"))
-    if settings.webhook_secret:  # webhooks are signed: no secret, no webhooks
-        sup.add("webhooks", tokenpool_argv("webhooks"))
+    sup.add("webhooks", tokenpool_argv("webhooks"))  # jobs', keys' and settings' webhooks
 
 
 def prepare_bundled(settings: Settings) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 from celery import Celery
 
+from broker.apikeys import KeyStore
 from broker.batches import progress
 from broker.keys import Keys
 from broker.settings import Settings
@@ -49,7 +50,9 @@ class Deliverer:
         attempts = self.outbox.attempt(member)
         try:
             check_target(target["url"], self.settings)
-            status = self.post(target["url"], json.dumps(event).encode(), delivery_id(member))
+            secret = self.secret_for(target)
+            status = self.post(target["url"], json.dumps(event).encode(), delivery_id(member),
+                               secret)
         except (UnsafeTarget, httpx.HTTPError) as exc:
             outcome = self.outbox.failed(member, attempts, f"{type(exc).__name__}: {exc}")
             log.warning("webhook %s to %s: %s; %s", delivery_id(member), target["url"], exc,
@@ -82,10 +85,20 @@ class Deliverer:
             return None
         return payload(member, record), (record.get("webhooks") or [])[int(index)]
 
-    def post(self, url: str, body: bytes, message_id: str) -> int:
+    def secret_for(self, target: dict[str, Any]) -> str:
+        """An API key's endpoint is signed with that key's secret, the rest with the
+        server's; with neither there is nothing to sign with (UnsafeTarget: dead letter)."""
+        key_id = target.get("secret_key")
+        secret = (KeyStore(self.outbox.redis, self.outbox.keys).webhook_secret(key_id)
+                  if key_id else self.settings.webhook_secret)
+        if not secret:
+            raise UnsafeTarget("no secret to sign with (the key was removed, or "
+                               "webhook_secret is unset)")
+        return secret
+
+    def post(self, url: str, body: bytes, message_id: str, secret: str) -> int:
         """POST, no redirects followed, at most webhook_max_response_bytes of the answer read."""
-        assert self.settings.webhook_secret is not None
-        headers = signed_headers(self.settings.webhook_secret, message_id, body)
+        headers = signed_headers(secret, message_id, body)
         with httpx.Client(timeout=self.settings.webhook_timeout_s, follow_redirects=False) \
                 as http, http.stream("POST", url, content=body, headers=headers) as reply:
             read = 0

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -39,19 +40,20 @@ class Receiver:
     """An HTTP receiver on loopback: verifies, records, answers 500 to the first `fail` tries
     of each delivery (then 200), or holds every request for `hang_s` first."""
 
-    def __init__(self, fail: int = 0, hang_s: float = 0.0) -> None:
+    def __init__(self, fail: int = 0, hang_s: float = 0.0, secret: str = SECRET) -> None:
         self.fail, self.hang_s = fail, hang_s
         self.tries: dict[str, list[dict[str, Any]]] = {}
         self.answered: dict[str, int] = {}
         self.unverified = 0
         self.lock = threading.Lock()
         self.release = threading.Event()  # ends a hang at once on close
-        verifier = openai.OpenAI(api_key="unused", webhook_secret=SECRET)
+        self.secret = secret  # what it verifies with (may be set later)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                verifier = openai.OpenAI(api_key="unused", webhook_secret=receiver.secret)
                 try:
                     verifier.webhooks.unwrap(body, dict(self.headers))
                 except openai.InvalidWebhookSignatureError:
@@ -150,15 +152,20 @@ def test_the_end_is_told_when_the_worker_that_ended_the_job_is_killed_right_afte
 ) -> None:
     job_id = hooks.submit({**SHORT, "webhook": receiver.url})
     job = hooks.wait_final(job_id)
+    worker = next(c for c in hooks.supervisor.children if c.name == "chat")
+    assert worker.process is not None
     os.kill(int(job["worker"].split("-")[2].split("@")[0]), signal.SIGKILL)
     try:
         (event,) = receiver.delivered(job_id)
         assert event["type"] == "job.succeeded" and event["data"]["id"] == job_id
-    finally:
+    finally:  # a new chat worker, loaded, before the next test (not the dead one's heartbeat)
+        worker.process.wait(30)
         hooks.supervisor.restart_dead()
+        new = f"-{worker.process.pid}@"
         deadline = time.monotonic() + 120
-        while hooks.http.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
+        while not any(new in w["name"] and w["state"] in ("loaded", "generating")
+                      for w in hooks.http.get("/v1/workers").json()["data"]):
+            assert time.monotonic() < deadline, "no new chat worker"
             time.sleep(0.3)
 
 
@@ -253,7 +260,8 @@ def test_a_batch_tells_its_webhook_once_when_every_item_has_ended(
 def test_a_settings_endpoint_hears_a_response_end_in_openais_terms_and_not_plain_jobs(
     hooks: Stack, endpoint: Receiver
 ) -> None:
-    client = openai.OpenAI(base_url=f"{hooks.url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{hooks.url}/v1", api_key="unused", max_retries=0,
+                           timeout=60)
     made = client.responses.create(model="chat", input="Hi.", max_output_tokens=4)
     job_id = made.id.removeprefix("resp_")
     (event,) = endpoint.delivered(job_id)
@@ -265,3 +273,28 @@ def test_a_settings_endpoint_hears_a_response_end_in_openais_terms_and_not_plain
     # job.succeeded is not among its events: nothing is even queued for it
     assert not hooks.redis.exists(hooks.keys.webhook(f"{plain}|0"))
     assert "hooks" not in {k.decode() for k in hooks.redis.hkeys(hooks.keys.job(plain))}
+
+
+def test_a_keys_own_endpoint_hears_its_jobs_signed_with_the_keys_own_secret(
+    hooks: Stack, receiver: Receiver
+) -> None:
+    """Last in this module: once a key exists, every request needs one."""
+    made = subprocess.run(
+        tokenpool_argv("keys", "create", "team-a", "--webhook", receiver.url,
+                       "--webhook-events", "job.succeeded", "--json"),
+        capture_output=True, text=True, env=hooks.supervisor.env, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    assert key["webhook_secret"].startswith("whsec_") and key["webhook_secret"] != SECRET
+    receiver.secret = key["webhook_secret"]
+    refused = subprocess.run(
+        tokenpool_argv("keys", "create", "team-b", "--webhook", "http://10.0.0.9/x"),
+        capture_output=True, text=True, env=hooks.supervisor.env, timeout=60)
+    assert refused.returncode == 2 and "10.0.0.9" in refused.stderr  # named, not stored
+    time.sleep(2.5)  # the API looks again for keys every 2 s
+    reply = hooks.http.post("/v1/jobs", json=SHORT,
+                            headers={"Authorization": f"Bearer {key['token']}"})
+    assert reply.status_code == 202, reply.text
+    job_id = reply.json()["id"]
+    (event,) = receiver.delivered(job_id)  # verified with the key's secret, not the server's
+    assert event["type"] == "job.succeeded" and receiver.unverified == 0

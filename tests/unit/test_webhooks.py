@@ -82,3 +82,20 @@ def test_a_batch_delivery_id_round_trips_and_a_response_is_told_in_openais_names
                 "response": {"store": True}, "result": {"finish_reason": "length"}}
     body = payload(f"{'c' * 32}|0", response)
     assert body["type"] == "response.incomplete" and body["data"]["id"] == f"resp_{'c' * 32}"
+
+
+def test_a_keys_endpoints_come_after_the_jobs_own_url_and_only_for_events_they_want() -> None:
+    settings = Settings(webhook_secret=SECRET, webhook_endpoints=[
+        {"url": "https://ops.example/hook", "events": ["batch.completed"]}])
+    key_hooks = json.dumps([{"url": "https://team.example/hook", "events": ["job.failed"],
+                             "secret_key": "abc"},
+                            {"url": "https://team.example/batches",
+                             "events": ["batch.completed"], "secret_key": "abc"}])
+    jobs = json.loads(record_fields("https://me.example/x", settings,
+                                    key_hooks=key_hooks)["webhooks"])
+    assert [t["url"] for t in jobs] == ["https://me.example/x", "https://team.example/hook"]
+    assert jobs[1]["secret_key"] == "abc"
+    batches = json.loads(record_fields(None, settings, ("batch.completed", "batch.cancelled"),
+                                       key_hooks)["webhooks"])
+    assert [t["url"] for t in batches] == ["https://team.example/batches",
+                                           "https://ops.example/hook"]
