@@ -19,7 +19,6 @@ from api.errors import ApiError
 from api.openai_compat import openai_route
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{32}(-output|-errors)?$")
-PURPOSES = ("batch", "batch_output")
 
 
 def file_object(fields: dict[str, str]) -> dict[str, Any]:
