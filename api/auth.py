@@ -247,8 +247,9 @@ def owner_of(request: Request) -> dict[str, str]:
     keys = request.app.state.keys
     hooks = {"key_hooks": json.dumps([{**hook, "secret_key": key.id} for hook in key.webhooks])
              } if key.webhooks else {}
+    weight = {"owner_weight": repr(key.weight)} if key.weight != 1.0 else {}
     return {"owner": key.id, "owner_active": keys.key_active(key.id),
-            "owner_tokens": keys.key_tokens(key.id, utc_day(time.time())), **hooks}
+            "owner_tokens": keys.key_tokens(key.id, utc_day(time.time())), **weight, **hooks}
 
 
 def may_see(request: Request, owner: str | None) -> bool:

@@ -22,6 +22,7 @@ from api.auth import check_model, enforce_quota, owner_of
 from api.errors import ApiError, from_validation
 from api.jobs import job_record, links, parse_json, read_body
 from broker.celery_app import bulk_groups, send_group
+from broker.fair import Tenant
 from broker.messages import JobRequest
 
 
@@ -51,7 +52,7 @@ async def submit_batch(request: Request) -> JSONResponse:
     ids = [uuid.uuid4().hex for _ in batch.jobs]
     for job_id, job in zip(ids, batch.jobs, strict=True):
         await state.store.create(job_id, job_record(state, job, **owner_of(request)))
-    await enqueue_all(state, ids, batch.jobs)
+    await enqueue_all(state, ids, batch.jobs, Tenant.of(owner_of(request)))
     data = [{"id": job_id, "status": "queued", "links": links(job_id)} for job_id in ids]
     return JSONResponse({"object": "list", "data": data}, 202)
 
@@ -65,7 +66,8 @@ async def admit_item(job: JobRequest, index: int, state: Any) -> None:
                        f"{where}.{exc.field}" if exc.field else where) from None
 
 
-async def enqueue_all(state: Any, ids: list[str], jobs: list[JobRequest]) -> None:
+async def enqueue_all(state: Any, ids: list[str], jobs: list[JobRequest], tenant: Tenant,
+                      ) -> None:
     """Send every first delivery from one thread. If the queue fails midway the whole batch
     ends `enqueue_failed` (a sent message then finds its job ended and never runs), so the
     client's retry of the batch is never a partial duplicate."""
@@ -78,7 +80,10 @@ async def enqueue_all(state: Any, ids: list[str], jobs: list[JobRequest]) -> Non
             sent += len(group)
 
     try:
-        await anyio.to_thread.run_sync(send)
+        if state.fair is not None:  # one script call a model: all of them or none
+            await state.fair.send(ids, jobs, tenant, anyio.to_thread.run_sync)
+        else:
+            await anyio.to_thread.run_sync(send)
     except Exception:
         for job_id in ids:
             await state.store.fail(job_id, "enqueue_failed", "the batch could not be queued")

@@ -22,6 +22,7 @@ from api.ops import fleet
 from api.queueing import place_in_line
 from api.sse import event_stream
 from broker.celery_app import send_job
+from broker.fair import Tenant
 from broker.messages import FINAL_STATUSES, JOB_REQUEST, JobRequest
 from broker.store import new_record
 
@@ -114,7 +115,7 @@ async def store_and_send(
     if not created:
         return job_id, False
     try:
-        await enqueue(state, job_id, job.kind, job.model, job.priority)
+        await enqueue(state, job_id, job, record)
     except ApiError:
         if idem_key:  # a retry with the same key must get a new job, not this failed one
             await state.redis.delete(state.keys.idempotency(idem_key))
@@ -158,11 +159,15 @@ async def _replayed(state: Any, job_id: str, fingerprint: str) -> JSONResponse:
     return JSONResponse(body, 202, headers={"Idempotent-Replayed": "true"})
 
 
-async def enqueue(state: Any, job_id: str, kind: str, model: str, priority: int) -> None:
-    """Send the job's first delivery; if the queue is unreachable the job ends failed."""
-    send = functools.partial(send_job, state.celery, state.keys, job_id, kind, model, priority)
+async def enqueue(state: Any, job_id: str, job: JobRequest, record: dict[str, Any]) -> None:
+    """Send the job's first delivery (through its key's fair line, broker.fair, unless
+    fair_share is off); if the queue is unreachable the job ends failed."""
     try:
-        await anyio.to_thread.run_sync(send)
+        if state.fair is not None:
+            await state.fair.send([job_id], [job], Tenant.of(record), anyio.to_thread.run_sync)
+        else:
+            await anyio.to_thread.run_sync(functools.partial(
+                send_job, state.celery, state.keys, job_id, job.kind, job.model, job.priority))
     except Exception as exc:
         log.error("job %s: enqueue failed: %s", job_id, exc)
         await state.store.fail(job_id, "enqueue_failed", "the job could not be queued")

@@ -45,13 +45,12 @@ async def ready(request: Request) -> JSONResponse:
 
 
 async def queue_depths(state: Any) -> dict[str, int]:
-    """Jobs waiting in each model's Celery queue (all priority steps)."""
-    lists = {name: state.keys.queue_lists(name) for name in state.settings.models}
+    """Jobs queued for each model and not started: in its Celery queue, or still in a key's
+    fair line (broker.fair); the model's waiting set holds both."""
     pipe = state.redis.pipeline(transaction=False)
-    for key in (key for keys in lists.values() for key in keys):
-        pipe.llen(key)
-    lengths = iter(await pipe.execute())
-    return {name: sum(next(lengths) for _ in keys) for name, keys in lists.items()}
+    for name in state.settings.models:
+        pipe.zcard(state.keys.waiting(name))
+    return dict(zip(state.settings.models, map(int, await pipe.execute()), strict=True))
 
 
 async def models(request: Request) -> JSONResponse:

@@ -12,6 +12,7 @@ since its metrics began): a rough guide that improves with a steady mix of jobs,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,8 @@ async def place_in_line(state: Any, record: dict[str, Any],
     position, waiting = await pipe.execute()
     if position is None:
         return None
+    if record.get("fair_key"):
+        position = await fair_ahead(state, record)
     room = await capacity(state, record["model"], workers)
     return {"position": int(position), "waiting": int(waiting),
             "estimated_start_s": room.wait_s(int(position))}
@@ -66,3 +69,62 @@ async def queue_wait(state: Any, model: str, workers: list[dict[str, Any]],
     waiting = int(await state.redis.zcard(state.keys.waiting(model)))
     room = await capacity(state, model, workers)
     return {"waiting": waiting, "estimated_wait_s": room.wait_s(waiting)}
+
+
+async def fair_ahead(state: Any, record: dict[str, Any]) -> int:
+    """Jobs that start before a queued job on the fair path (broker.fair): the jobs already
+    sent to Celery and not started (those sent before it, if it was sent itself), then every
+    job waiting at a higher priority, the jobs ahead of it in its key's line, and each other
+    key's jobs whose start tags come before its own."""
+    sent = await sent_scores(state, record["fair_key"])
+    line = record.get("fair_line")
+    rank = await state.redis.zrank(line, record["id"]) if line else None
+    if line is None or rank is None:  # sent: Celery's order, priority then submit time
+        mine = float(record["wait_score"])
+        return sum(score < mine for score in sent)
+    priority, tenant = line.removeprefix(f"{record['fair_key']}:l:").split(":", 1)
+    lines = await waiting_tenants(state, record["fair_key"])
+    higher = sum(n for (p, _), (n, _, _) in lines.items() if p > int(priority))
+    _, own_tag, own_weight = lines.get((int(priority), tenant), (0, 0.0, 1.0))
+    tag = own_tag + int(rank) / own_weight  # its own start tag
+    others = sum(ahead_of(tag, tenant, t, *entry) for (p, t), entry in lines.items()
+                 if p == int(priority) and t != tenant)
+    return len(sent) + higher + int(rank) + others
+
+
+def ahead_of(tag: float, tenant: str, other: str, jobs: int, start: float,
+             weight: float) -> int:
+    """How many of `other`'s jobs (start tags start, start + 1/weight, ...) go before a job
+    with start tag `tag` (ties go to the name first in order, as the scripts' ZRANGE does)."""
+    span = (tag - start) * weight
+    if span < -1e-9:
+        return 0
+    whole = math.ceil(span - 1e-9)
+    tie = abs(span - round(span)) < 1e-9 and other < tenant
+    return min(jobs, whole + int(tie))
+
+
+async def sent_scores(state: Any, base: str) -> list[float]:
+    """The queue order (wait_score) of the jobs sent to Celery and not yet started."""
+    members = list(await state.redis.smembers(base + ":out"))
+    pipe = state.redis.pipeline(transaction=False)
+    for key in members:
+        pipe.hmget(key, "status", "wait_score")
+    return [float(score) for status, score in await pipe.execute()
+            if status == b"queued" and score is not None]
+
+
+async def waiting_tenants(state: Any, base: str) -> dict[tuple[int, str], tuple[int, float, float]]:
+    """(priority, tenant) -> (jobs waiting, start tag, weight) of every key with a line."""
+    pipe = state.redis.pipeline(transaction=False)
+    for p in range(10):
+        pipe.zrange(f"{base}:t:{p}", 0, -1, withscores=True)
+    found = [(p, t.decode(), float(score))
+             for p, tenants in enumerate(await pipe.execute()) for t, score in tenants]
+    pipe = state.redis.pipeline(transaction=False)
+    for p, t, _ in found:
+        pipe.zcard(f"{base}:l:{p}:{t}")
+        pipe.hget(f"{base}:tag", f"w:{p}:{t}")
+    replies = await pipe.execute()
+    return {(p, t): (int(replies[2 * i]), score, float(replies[2 * i + 1] or 1.0))
+            for i, (p, t, score) in enumerate(found)}

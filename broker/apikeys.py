@@ -30,6 +30,7 @@ DEFAULT_SCOPES = ("jobs",)
 # A key stored before keys had scopes keeps what it could do then: everything but the
 # scrape-only scope (which `admin` implies anyway).
 LEGACY_SCOPES = ("jobs", "fleet:read", "admin")
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 1000.0
 TOKEN = re.compile(r"^tp_([0-9a-f]{12})_([A-Za-z0-9_-]{32,})$")
 
 
@@ -50,6 +51,8 @@ class ApiKey:
     # Endpoints told of this key's jobs' ends: [{"url", "events"}], signed with the key's own
     # webhook secret (kept in Redis beside the key, never shown again after creation).
     webhooks: list[dict[str, Any]] | None = None
+    # Its share of a model's slots against other keys with jobs waiting (broker.fair).
+    weight: float = 1.0
 
     def allows(self, scope: str) -> bool:
         return any(scope in IMPLIES[own] for own in self.scopes)
@@ -77,6 +80,7 @@ def _decode(raw: dict[Any, Any]) -> tuple[ApiKey, str] | None:
                  revoked=f.get("revoked") == "1",
                  scopes=tuple(json.loads(f["scopes"])) if "scopes" in f else LEGACY_SCOPES,
                  webhooks=json.loads(f["webhooks"]) if f.get("webhooks") else None,
+                 weight=float(f.get("weight") or 1.0),
                  **limits)
     return key, f["digest"]
 
@@ -87,6 +91,12 @@ def checked_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
         raise ValueError(f"scopes: {', '.join(unknown) or 'none given'}; known: "
                          f"{', '.join(SCOPES)}")
     return tuple(dict.fromkeys(scopes))
+
+
+def checked_weight(weight: float) -> float:
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight: {weight}; between {MIN_WEIGHT} and {MAX_WEIGHT}")
+    return float(weight)
 
 
 class KeyStore:
@@ -100,7 +110,8 @@ class KeyStore:
                max_active_jobs: int | None = None, max_queued_jobs: int | None = None,
                tokens_per_day: int | None = None,
                scopes: tuple[str, ...] = DEFAULT_SCOPES,
-               webhooks: list[dict[str, Any]] | None = None) -> tuple[ApiKey, str]:
+               webhooks: list[dict[str, Any]] | None = None,
+               weight: float = 1.0) -> tuple[ApiKey, str]:
         """A new key and its token; the token is shown once and stored only as a digest.
         With webhooks, the key gets its own signing secret (`webhook_secret(key)`)."""
         scopes = checked_scopes(scopes)
@@ -112,12 +123,13 @@ class KeyStore:
                      expires_at=time.time() + expires_in_s if expires_in_s else None,
                      models=models, requests_per_minute=requests_per_minute,
                      max_active_jobs=max_active_jobs, max_queued_jobs=max_queued_jobs,
-                     tokens_per_day=tokens_per_day, scopes=scopes, webhooks=webhooks)
+                     tokens_per_day=tokens_per_day, scopes=scopes, webhooks=webhooks,
+                     weight=checked_weight(weight))
         fields = {"id": key_id, "name": name, "created_at": repr(key.created_at),
                   "digest": digest(secret), "revoked": "0",
                   "expires_at": repr(key.expires_at) if key.expires_at else "",
                   "models": json.dumps(models) if models else "",
-                  "scopes": json.dumps(list(scopes)),
+                  "scopes": json.dumps(list(scopes)), "weight": repr(key.weight),
                   **({"webhooks": json.dumps(webhooks), "webhook_secret":
                       "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()}
                      if webhooks else {}),
@@ -137,6 +149,13 @@ class KeyStore:
         ids = sorted(i.decode() for i in self.redis.smembers(self.keys.api_keys()))  # type: ignore[union-attr]
         found = [_decode(self.redis.hgetall(self.keys.api_key(i))) for i in ids]
         return [entry[0] for entry in found if entry]
+
+    def set_weight(self, key_id: str, weight: float) -> bool:
+        """A key's fair-share weight, from its next submission on (False: no such key)."""
+        if not self.redis.exists(self.keys.api_key(key_id)):
+            return False
+        self.redis.hset(self.keys.api_key(key_id), "weight", repr(checked_weight(weight)))
+        return True
 
     def revoke(self, key_id: str) -> bool:
         if not self.redis.exists(self.keys.api_key(key_id)):

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from broker.celery_app import bulk_groups, send_group
 from broker.constraints import ResponseFormat
+from broker.fair import Fair, FairQueue, Tenant
 from broker.keys import Keys
 from broker.messages import JOB_REQUEST, EmbedJob, GenerateJob, JobRequest, SummarizeJob
 from broker.settings import Settings
@@ -29,7 +30,8 @@ from broker.webhooks import BATCH_EVENTS, record_fields
 CHUNK = 500
 BATCH_PRIORITY = 2  # below interactive jobs' default 5: a big batch never blocks them
 ENDED = ("succeeded", "failed", "cancelled")
-OWNER_FIELDS = ("owner", "owner_active", "owner_tokens", "key_hooks")  # an API key's, on its jobs
+# An API key's fields, on its jobs.
+OWNER_FIELDS = ("owner", "owner_active", "owner_tokens", "owner_weight", "key_hooks")
 T = TypeVar("T")
 
 
@@ -136,6 +138,17 @@ class BatchStore:
         self.keys = Keys(settings.key_prefix)
         self.jobs = JobStore(client, settings)
         self._running = client.register_script(BATCH_RUNNING)
+        self.fair = (FairQueue(client, Fair(celery, self.keys, settings))
+                     if settings.fair_share else None)
+
+    def send(self, ids: list[str], jobs: list[JobRequest], owner: dict[str, str]) -> None:
+        """Queue the items' first deliveries: through the owner's fair line (broker.fair),
+        or straight to Celery with fair_share off."""
+        if self.fair is not None:
+            self.fair.send(ids, jobs, Tenant.of(owner))
+            return
+        for group in bulk_groups(ids, jobs, self.settings):
+            send_group(self.celery, self.keys, group)
 
     def create(self, spec: BatchSpec, items: Iterable[tuple[str, JobRequest]],
                **header: str) -> str:
@@ -176,9 +189,7 @@ class BatchStore:
         if index == 0:
             pipe.hset(key, "model", chunk[0][1].model)
         pipe.execute()
-        jobs = [job for _, job in chunk]
-        for group in bulk_groups(ids, jobs, self.settings):
-            send_group(self.celery, self.keys, group)
+        self.send(ids, [job for _, job in chunk], extra)
         return index + len(chunk)
 
     def exists(self, batch_id: str) -> bool:
@@ -238,4 +249,4 @@ class BatchStore:
         pipe.hincrby(key, "retried", 1)
         pipe.hdel(key, "cancel")
         pipe.execute()
-        send_group(self.celery, self.keys, [(job_id, job)])
+        self.send([job_id], [job], extra)

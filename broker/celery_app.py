@@ -38,26 +38,37 @@ def task_id_of(job_id: str, dispatch: int) -> str:
     return job_id if dispatch == 1 else f"{job_id}.{dispatch}"
 
 
+def task_of(job_ids: list[str], kind: str, model: str, dispatch: int = 1,
+            ) -> tuple[str, list[Any], str, str]:
+    """(task name, args, task id, argsrepr) of one job's delivery, or of a bulk message for
+    the first delivery of many jobs of one kind and model; the message carries ids only."""
+    if len(job_ids) == 1:
+        job_id = job_ids[0]
+        return (TASK_NAMES[kind], [job_id, model, dispatch], task_id_of(job_id, dispatch),
+                f"job={job_id} model={model} dispatch={dispatch}")
+    return (BULK_TASK_NAMES[kind], [job_ids, model], f"bulk-{job_ids[0]}",
+            f"jobs={len(job_ids)} first={job_ids[0]} model={model}")
+
+
 def send_job(
     app: Celery, keys: Keys, job_id: str, kind: str, model: str, priority: int, dispatch: int = 1
 ) -> None:
-    """Queue one delivery of a job on its model's queue; the message carries ids only."""
-    app.send_task(
-        TASK_NAMES[kind], args=[job_id, model, dispatch], task_id=task_id_of(job_id, dispatch),
-        queue=keys.queue(model), priority=celery_priority(priority),
-        argsrepr=f"job={job_id} model={model} dispatch={dispatch}", kwargsrepr="",
-    )
+    """Queue one delivery of a job on its model's queue."""
+    _send(app, keys, task_of([job_id], kind, model, dispatch), model, priority)
 
 
 def send_bulk(
     app: Celery, keys: Keys, job_ids: list[str], kind: str, model: str, priority: int
 ) -> None:
     """Queue the first delivery of many jobs of one kind and model as one message."""
-    app.send_task(
-        BULK_TASK_NAMES[kind], args=[job_ids, model], task_id=f"bulk-{job_ids[0]}",
-        queue=keys.queue(model), priority=celery_priority(priority),
-        argsrepr=f"jobs={len(job_ids)} first={job_ids[0]} model={model}", kwargsrepr="",
-    )
+    _send(app, keys, task_of(job_ids, kind, model), model, priority)
+
+
+def _send(app: Celery, keys: Keys, task: tuple[str, list[Any], str, str], model: str,
+          priority: int) -> None:
+    name, args, task_id, argsrepr = task
+    app.send_task(name, args=args, task_id=task_id, queue=keys.queue(model),
+                  priority=celery_priority(priority), argsrepr=argsrepr, kwargsrepr="")
 
 
 def bulk_groups(

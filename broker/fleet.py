@@ -22,7 +22,14 @@ def write_heartbeat(client: redis.Redis, keys: Keys, beat: dict[str, Any], ttl_s
     pipe.set(keys.worker(name), body, px=int(ttl_s * 1000))
     pipe.set(keys.worker_last(name), body, px=int(retention_s * 1000))
     pipe.zadd(keys.workers(), {name: now})
+    if beat.get("consuming", True) and beat.get("model") and beat.get("state") != "stopped":
+        # Its slots, offered to its model's fair queue (broker.fair) until the beat expires.
+        pipe.zadd(keys.fair(beat["model"]) + ":slots", {slots_member(beat): now + ttl_s})
     pipe.execute()
+
+
+def slots_member(beat: dict[str, Any]) -> str:
+    return f"{beat['name']}|{int(beat.get('max_batch') or 1)}"
 
 
 def remove_heartbeat(client: redis.Redis, keys: Keys, beat: dict[str, Any],
@@ -32,6 +39,8 @@ def remove_heartbeat(client: redis.Redis, keys: Keys, beat: dict[str, Any],
     pipe = client.pipeline(transaction=False)
     pipe.delete(keys.worker(beat["name"]))
     pipe.set(keys.worker_last(beat["name"]), body, px=int(retention_s * 1000))
+    if beat.get("model"):
+        pipe.zrem(keys.fair(beat["model"]) + ":slots", slots_member(beat))
     pipe.execute()
 
 

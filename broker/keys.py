@@ -143,6 +143,13 @@ class Keys:
         `(9 - priority) * 1e13 + created_ms`): ZRANK is a job's place in the queue."""
         return f"{self.prefix}:waiting:{model}"
 
+    def fair(self, model: str) -> str:
+        """Prefix of a model's fair queue (broker.fair): `:slots` the live workers' slots,
+        `:out` jobs sent to Celery and not ended, `:t:<p>` waiting tenants by start tag,
+        `:q:<p>:<tenant>` each tenant's messages, `:l:<p>:<tenant>` its queued jobs in order,
+        `:tag` virtual times, weights and counters."""
+        return f"{self.prefix}:fair:{model}"
+
     def file(self, file_id: str) -> str:
         """Hash: an uploaded (or a batch's output) file's metadata (OpenAI's Files API)."""
         return f"{self.prefix}:file:{file_id}"

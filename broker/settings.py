@@ -284,6 +284,12 @@ class Settings(BaseSettings):
         "after this long (a worker killed before starting it); a redelivered message of a job "
         "that started meanwhile is refused by the start script, so short is safe"
     )
+    fair_share: bool = Field(
+        True, description="queued jobs reach a model's Celery queue only as its workers' "
+        "slots free up, the next slot going to the API key (or the keyless) with the least "
+        "served against its weight, inside the highest priority waiting (docs/fair-share.md); "
+        "false: every job goes to Celery at once, first come first served inside a priority"
+    )
     heartbeat_interval_s: float = Field(2.0, gt=0, description="worker heartbeat period")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="a worker is gone after this silence")
     worker_gone_retention_s: float = Field(

@@ -18,6 +18,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
+from broker.fair import FAIR_FN, PUMP
 from broker.groupcommit import GroupCommit, PendingCall
 from broker.keys import Keys
 from broker.messages import (
@@ -46,7 +47,7 @@ _BUCKETS_LUA = "local BUCKETS = {" + ", ".join(
     f"{metric} = {{{', '.join(repr(le) for le in bounds)}}}" for metric, bounds in BUCKETS.items()
 ) + "}"
 
-_APPEND_FN = _BUCKETS_LUA + """
+_APPEND_FN = _BUCKETS_LUA + FAIR_FN + """
 local FINAL = {succeeded=true, failed=true, cancelled=true}
 local function append(job_key, stream_key, channel, body, maxlen)
   local seq = redis.call('HINCRBY', job_key, 'next_seq', 1) - 1
@@ -95,6 +96,7 @@ local function count_final(metrics_key, hist_key, job_key, status, body)
                                                        'owner_tokens'))
   if owner_active then redis.call('SREM', owner_active, id) end
   leave_line(job_key, id)
+  fair_done(job_key)  -- its slot goes to the next fair job, in the same step
   hooks_due_now(job_key, id .. '|')  -- in the same step as its end
   kind, model = kind or '?', model or '?'
   redis.call('HINCRBY', metrics_key, kind .. '|' .. model .. '|' .. status, 1)
@@ -347,6 +349,8 @@ def new_record(job: JobRequest, settings: Settings, **extra: str) -> dict[str, A
             "timeout_s": repr(timeout_of(job, settings)),
             "wait_key": Keys(settings.key_prefix).waiting(job.model),
             "wait_score": str(wait_score(job.priority, now)),
+            **({"fair_key": Keys(settings.key_prefix).fair(job.model)}
+               if settings.fair_share else {}),
             **record_fields(job.webhook, settings,
                             RESPONSE_EVENTS if "response" in extra else JOB_EVENTS, key_hooks),
             **extra}
@@ -383,6 +387,8 @@ def _read_record(raw: dict[Any, Any]) -> dict[str, Any] | None:
     out["fingerprint"] = rec.get("fingerprint")
     out["requeued_from"] = rec.get("requeued_from")
     out["owner"] = rec.get("owner")
+    for name in ("wait_score", "fair_key", "fair_line"):  # its place in line (api.queueing)
+        out[name] = rec.get(name)
     return out
 
 
@@ -465,6 +471,12 @@ class JobStore:
         self._requeue = client.register_script(_REQUEUE)
         self._create = client.register_script(_CREATE)
         self._cancel = client.register_script(_CANCEL)
+        self._pump = client.register_script(PUMP)
+
+    def pump_fair(self, model: str) -> int:
+        """Send a model's queued jobs while its live slots allow (broker.fair); every
+        worker's heartbeat runs it: a new worker gets work, a lost count heals."""
+        return int(self._pump(args=[self.args.keys.fair(model)]))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         return _read_record(self.redis.hgetall(self.args.keys.job(job_id)))

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from broker.apikeys import SCOPES, KeyStore, checked_scopes
+from broker.apikeys import SCOPES, KeyStore, checked_scopes, checked_weight
 from broker.connection import sync_redis
 from broker.keys import Keys
 from broker.settings import WEBHOOK_EVENTS, Settings
@@ -58,6 +58,9 @@ def create(
     webhook_events: Annotated[str | None, typer.Option(
         help=f"comma-separated events its endpoints want (default all: "
         f"{', '.join(WEBHOOK_EVENTS)})")] = None,
+    weight: Annotated[float, typer.Option(
+        help="its share of a model's slots against other keys with jobs waiting (fair "
+        "share; the keyless jobs weigh 1)")] = 1.0,
     as_json: Json = False,
 ) -> None:
     """Create a key; its token is printed once and stored only as a SHA-256 digest."""
@@ -67,11 +70,16 @@ def create(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scopes") from None
     hooks = endpoints(webhook or [], webhook_events)
+    try:
+        checked_weight(weight)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--weight") from None
     with store() as keys:
         key, token = keys.create(name, seconds(expires_in) if expires_in else None, allowed,
                                  requests_per_minute=rpm, max_active_jobs=max_active,
                                  max_queued_jobs=max_queued,
-                                 tokens_per_day=tokens_per_day, scopes=granted, webhooks=hooks)
+                                 tokens_per_day=tokens_per_day, scopes=granted, webhooks=hooks,
+                                 weight=weight)
         signing = keys.webhook_secret(key.id) if hooks else None
     if as_json:
         print_json({**key.public(), "token": token,
@@ -103,6 +111,22 @@ def endpoints(urls: list[str], events: str | None) -> list[dict[str, Any]] | Non
     return [{"url": url, "events": wanted} for url in urls]
 
 
+@keys_app.command("weight")
+def set_weight(key_id: Annotated[str, typer.Argument(help="the key's id")],
+               weight: Annotated[float, typer.Argument(help="its new fair-share weight")],
+               ) -> None:
+    """Change a key's fair-share weight (its jobs queued from then on carry it)."""
+    try:
+        checked_weight(weight)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="WEIGHT") from None
+    with store() as keys:
+        if not keys.set_weight(key_id, weight):
+            typer.echo(f"no key {key_id}", err=True)
+            raise typer.Exit(1)
+    typer.echo(f"key {key_id}: weight {weight}", err=True)
+
+
 @keys_app.command("list")
 def list_keys(as_json: Json = False) -> None:
     """Every key: id, name, models, expiry, revoked (never the token)."""
@@ -111,12 +135,13 @@ def list_keys(as_json: Json = False) -> None:
     if as_json:
         print_json([k.public() for k in found])
         return
-    table = Table("id", "name", "scopes", "models", "expires", "state")
+    table = Table("id", "name", "scopes", "weight", "models", "expires", "state")
     now = time.time()
     for k in found:
         expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.expires_at)) \
             if k.expires_at else "never"
-        table.add_row(k.id, k.name, ",".join(k.scopes), ",".join(k.models) if k.models else "all",
+        table.add_row(k.id, k.name, ",".join(k.scopes), f"{k.weight:g}",
+                      ",".join(k.models) if k.models else "all",
                       expires,
                       "revoked" if k.revoked else "expired" if not k.usable(now) else "active")
     out.print(table)

@@ -98,7 +98,9 @@ class WorkerRuntime:
             self.snapshot, settings.worker_gone_retention_s,
         )
         self.loops = [Periodic("control", 0.0, ControlLoop(self).run_once),
-                      Periodic("keep-alive", 1.0, self.unload_if_idle)]
+                      Periodic("keep-alive", 1.0, self.unload_if_idle),
+                      Periodic("fair-pump", settings.heartbeat_interval_s,
+                               lambda: self.store.pump_fair(self.model_name))]
         # Every worker takes part in reaping lost jobs (one per round, by a lock in Redis).
         if celery is not None:
             self.loops.append(Periodic("reaper", settings.heartbeat_interval_s,
