@@ -56,14 +56,14 @@ async def queue_depths(state: Any) -> dict[str, int]:
 async def models(request: Request) -> JSONResponse:
     state = request.app.state
     by_model = await fleet(state)
-    depths = await queue_depths(state)
     waits = {name: await queue_wait(state, name, by_model.get(name, []))
              for name in state.settings.models}
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "tokenpool",
          "kind": spec.kind, "n_ctx": spec.n_ctx,
          "max_tokens": spec.max_tokens, "chat_format": spec.chat_format,
-         "max_batch": spec.max_batch, "queue_depth": depths[name], **waits[name],
+         "max_batch": spec.max_batch, "queue_depth": waits[name]["waiting"],  # one waiting set
+         **waits[name],
          "running": sum(len(w.get("jobs", [])) for w in by_model.get(name, [])),
          "workers": [{k: w.get(k) for k in ("name", "host", "gpu", "state", "jobs", "batches")}
                      for w in by_model.get(name, [])]}

@@ -343,14 +343,13 @@ def new_record(job: JobRequest, settings: Settings, **extra: str) -> dict[str, A
     key_hooks = extra.pop("key_hooks", None)
     request_json = job.model_dump(mode="json")
     fingerprint = hashlib.sha256(json.dumps(request_json, sort_keys=True).encode()).hexdigest()
-    now = time.time()
+    now, keys = time.time(), Keys(settings.key_prefix)
     return {"kind": job.kind, "model": job.model, "created_at": repr(now),
             "request": request_json, "fingerprint": fingerprint,
             "timeout_s": repr(timeout_of(job, settings)),
-            "wait_key": Keys(settings.key_prefix).waiting(job.model),
+            "wait_key": keys.waiting(job.model),
             "wait_score": str(wait_score(job.priority, now)),
-            **({"fair_key": Keys(settings.key_prefix).fair(job.model)}
-               if settings.fair_share else {}),
+            **({"fair_key": keys.fair(job.model)} if settings.fair_share else {}),
             **record_fields(job.webhook, settings,
                             RESPONSE_EVENTS if "response" in extra else JOB_EVENTS, key_hooks),
             **extra}
