@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -32,8 +33,14 @@ def start_up(tmp_path, config_file):
 
 
 def stop_up(proc):
+    """Kill up and everything it started, the embedded Redis too (in a session of its own, so
+    the process group does not reach it: a failed test must not leave a redis-server behind)."""
     if proc.poll() is None:
+        children = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGKILL)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         proc.wait()
     proc.stdout.close()
 
