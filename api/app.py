@@ -41,7 +41,7 @@ from broker.batches import BatchStore
 from broker.celery_app import make_celery
 from broker.connection import API_SPARE_CONNECTIONS, api_redis, sync_redis
 from broker.events import StreamHub
-from broker.fair import AsyncFairQueue, Fair
+from broker.fair import AsyncDispatcher
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.store import AsyncJobStore
@@ -117,9 +117,8 @@ def create_app(settings: Settings, redis_url: str) -> Starlette:
         app.state.store = AsyncJobStore(client, settings)
         app.state.hub = StreamHub(client, app.state.keys)  # one XREAD for every follower
         app.state.celery = make_celery(settings, redis_url)
-        app.state.fair = (AsyncFairQueue(client, Fair(app.state.celery, app.state.keys,
-                                                      settings))
-                          if settings.fair_share else None)
+        app.state.dispatch = AsyncDispatcher(client, app.state.celery, app.state.keys,
+                                             settings, anyio.to_thread.run_sync)
         # Batch creation, cancel and retry run in threads, a chunk at a time (broker.batches).
         sync_client = sync_redis(redis_url, client_name="tokenpool-api-batches",
                                  socket_connect_timeout=5)

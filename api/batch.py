@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -21,8 +20,7 @@ from api.admission import admit
 from api.auth import check_model, enforce_quota, owner_of
 from api.errors import ApiError, from_validation
 from api.jobs import job_record, links, parse_json, read_body
-from broker.celery_app import bulk_groups, send_group
-from broker.fair import Tenant
+from broker.fair import PartlySent, Tenant
 from broker.messages import JobRequest
 
 
@@ -71,24 +69,13 @@ async def enqueue_all(state: Any, ids: list[str], jobs: list[JobRequest], tenant
     """Send every first delivery from one thread. If the queue fails midway the whole batch
     ends `enqueue_failed` (a sent message then finds its job ended and never runs), so the
     client's retry of the batch is never a partial duplicate."""
-    sent = 0
-
-    def send() -> None:
-        nonlocal sent
-        for group in bulk_groups(ids, jobs, state.settings):
-            send_group(state.celery, state.keys, group)
-            sent += len(group)
-
     try:
-        if state.fair is not None:  # one script call a model: all of them or none
-            await state.fair.send(ids, jobs, tenant, anyio.to_thread.run_sync)
-        else:
-            await anyio.to_thread.run_sync(send)
-    except Exception:
+        await state.dispatch.send(ids, jobs, tenant)
+    except PartlySent as exc:
         for job_id in ids:
             await state.store.fail(job_id, "enqueue_failed", "the batch could not be queued")
-        raise ApiError(503, "unavailable", f"the queue became unavailable after {sent} of "
-                       f"{len(ids)} jobs; none of the batch runs, retry it later") from None
+        raise ApiError(503, "unavailable", f"the queue became unavailable after {exc.sent} of "
+                       f"{exc.total} jobs; none of the batch runs, retry it later") from None
 
 
 routes = [Route("/v1/jobs/batch", submit_batch, methods=["POST"])]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
 import uuid
 from typing import Any
 
-import anyio
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -21,8 +19,7 @@ from api.errors import REDIS_RETRY_AFTER_S, ApiError, from_validation, not_found
 from api.ops import fleet
 from api.queueing import place_in_line
 from api.sse import event_stream
-from broker.celery_app import send_job
-from broker.fair import Tenant
+from broker.fair import PartlySent, Tenant
 from broker.messages import FINAL_STATUSES, JOB_REQUEST, JobRequest
 from broker.store import new_record
 
@@ -163,13 +160,9 @@ async def enqueue(state: Any, job_id: str, job: JobRequest, record: dict[str, An
     """Send the job's first delivery (through its key's fair line, broker.fair, unless
     fair_share is off); if the queue is unreachable the job ends failed."""
     try:
-        if state.fair is not None:
-            await state.fair.send([job_id], [job], Tenant.of(record), anyio.to_thread.run_sync)
-        else:
-            await anyio.to_thread.run_sync(functools.partial(
-                send_job, state.celery, state.keys, job_id, job.kind, job.model, job.priority))
-    except Exception as exc:
-        log.error("job %s: enqueue failed: %s", job_id, exc)
+        await state.dispatch.send([job_id], [job], Tenant.of(record))
+    except PartlySent as exc:
+        log.error("job %s: enqueue failed: %s", job_id, exc.__cause__)
         await state.store.fail(job_id, "enqueue_failed", "the job could not be queued")
         raise ApiError(503, "unavailable", "the queue is unavailable; retry later", None,
                        {"Retry-After": str(REDIS_RETRY_AFTER_S)}) from None

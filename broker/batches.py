@@ -18,9 +18,8 @@ import redis
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from broker.celery_app import bulk_groups, send_group
 from broker.constraints import ResponseFormat
-from broker.fair import Fair, FairQueue, Tenant
+from broker.fair import Dispatcher, Tenant
 from broker.keys import Keys
 from broker.messages import JOB_REQUEST, EmbedJob, GenerateJob, JobRequest, SummarizeJob
 from broker.settings import Settings
@@ -138,17 +137,12 @@ class BatchStore:
         self.keys = Keys(settings.key_prefix)
         self.jobs = JobStore(client, settings)
         self._running = client.register_script(BATCH_RUNNING)
-        self.fair = (FairQueue(client, Fair(celery, self.keys, settings))
-                     if settings.fair_share else None)
+        self.dispatch = Dispatcher(client, celery, self.keys, settings)
 
     def send(self, ids: list[str], jobs: list[JobRequest], owner: dict[str, str]) -> None:
         """Queue the items' first deliveries: through the owner's fair line (broker.fair),
         or straight to Celery with fair_share off."""
-        if self.fair is not None:
-            self.fair.send(ids, jobs, Tenant.of(owner))
-            return
-        for group in bulk_groups(ids, jobs, self.settings):
-            send_group(self.celery, self.keys, group)
+        self.dispatch.send(ids, jobs, Tenant.of(owner))
 
     def create(self, spec: BatchSpec, items: Iterable[tuple[str, JobRequest]],
                **header: str) -> str:

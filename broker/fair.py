@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 from kombu.utils.json import dumps
 
-from broker.celery_app import bulk_groups, celery_priority, task_of
+from broker.celery_app import bulk_groups, celery_priority, send_group, task_of
 from broker.keys import Keys
 from broker.messages import JobRequest
 from broker.settings import Settings
@@ -215,39 +215,85 @@ class Fair:
                            "w": tenant.weight, "list": target, "msg": message})
 
     def calls(self, ids: list[str], jobs: list[JobRequest], tenant: Tenant,
-              ) -> list[list[str]]:
-        """The ENQUEUE script's ARGV per model (CPU only: messages are built here)."""
-        by_model: dict[str, list[str]] = {}
+              ) -> list[tuple[list[str], int]]:
+        """The ENQUEUE script's ARGV per model, each with its count of jobs (CPU only:
+        messages are built here)."""
+        by_model: dict[str, tuple[list[str], list[int]]] = {}
         for group in bulk_groups(ids, jobs, self.settings):
             first = group[0][1]
-            args = by_model.setdefault(first.model, [self.keys.fair(first.model)])
+            args, count = by_model.setdefault(first.model, ([self.keys.fair(first.model)], [0]))
             args += [tenant.name, str(first.priority), self.entry(group, tenant)]
-        return list(by_model.values())
+            count[0] += len(group)
+        return [(args, count[0]) for args, count in by_model.values()]
 
 
-class FairQueue:
-    """Blocking: for batches and schedules (broker.batches)."""
+class PartlySent(Exception):
+    """Queueing a submission's jobs stopped after `sent` of them (the cause is chained)."""
 
-    def __init__(self, client: redis.Redis, fair: Fair) -> None:
-        self.fair = fair
+    def __init__(self, sent: int, total: int) -> None:
+        super().__init__(f"queued {sent} of {total} jobs")
+        self.sent, self.total = sent, total
+
+
+class _Dispatch:
+    """What both dispatchers share: the fair path's messages, and the direct path."""
+
+    def __init__(self, app: Celery, keys: Keys, settings: Settings) -> None:
+        self.app, self.keys, self.settings = app, keys, settings
+        self.fair = Fair(app, keys, settings) if settings.fair_share else None
+
+    def direct(self, ids: list[str], jobs: list[JobRequest]) -> None:
+        """fair_share off: each group's message straight onto Celery's list."""
+        sent = 0
+        try:
+            for group in bulk_groups(ids, jobs, self.settings):
+                send_group(self.app, self.keys, group)
+                sent += len(group)
+        except Exception as exc:
+            raise PartlySent(sent, len(ids)) from exc
+
+
+class Dispatcher(_Dispatch):
+    """A submission's first deliveries, blocking (batches, schedules): through each job's
+    key's fair line (one script call a model: all of that model's jobs or none), or, with
+    fair_share off, straight onto Celery's queue (a message a group). Raises PartlySent."""
+
+    def __init__(self, client: redis.Redis, app: Celery, keys: Keys, settings: Settings
+                 ) -> None:
+        super().__init__(app, keys, settings)
         self._enqueue = client.register_script(ENQUEUE)
 
-    def send(self, ids: list[str], jobs: list[JobRequest], tenant: Tenant) -> int:
-        return sum(int(self._enqueue(args=args))
-                   for args in self.fair.calls(ids, jobs, tenant))
+    def send(self, ids: list[str], jobs: list[JobRequest], tenant: Tenant) -> None:
+        if self.fair is None:
+            self.direct(ids, jobs)
+            return
+        sent = 0
+        try:
+            for args, count in self.fair.calls(ids, jobs, tenant):
+                self._enqueue(args=args)
+                sent += count
+        except Exception as exc:
+            raise PartlySent(sent, len(ids)) from exc
 
 
-class AsyncFairQueue:
-    """The API's: the same scripts on its asyncio client."""
+class AsyncDispatcher(_Dispatch):
+    """The API's: the fair scripts on its asyncio client; what blocks (building messages,
+    Celery's own sends) runs in `run_sync` (anyio's to_thread.run_sync), off the loop."""
 
-    def __init__(self, client: aioredis.Redis, fair: Fair) -> None:
-        self.fair = fair
+    def __init__(self, client: aioredis.Redis, app: Celery, keys: Keys, settings: Settings,
+                 run_sync: Any) -> None:
+        super().__init__(app, keys, settings)
+        self.run_sync = run_sync
         self._enqueue = client.register_script(ENQUEUE)
 
-    async def send(self, ids: list[str], jobs: list[JobRequest], tenant: Tenant,
-                   build: Any) -> int:
-        """`build` runs the CPU-bound message building off the event loop (anyio's
-        to_thread.run_sync); the script calls run on the loop."""
-        calls = await build(self.fair.calls, ids, jobs, tenant)
-        return sum([int(await self._enqueue(args=args)) for args in calls])
-
+    async def send(self, ids: list[str], jobs: list[JobRequest], tenant: Tenant) -> None:
+        if self.fair is None:
+            await self.run_sync(self.direct, ids, jobs)
+            return
+        sent = 0
+        try:
+            for args, count in await self.run_sync(self.fair.calls, ids, jobs, tenant):
+                await self._enqueue(args=args)
+                sent += count
+        except Exception as exc:
+            raise PartlySent(sent, len(ids)) from exc

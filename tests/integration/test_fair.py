@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from broker.celery_app import make_celery, send_job
-from broker.fair import Fair, FairQueue, Tenant
+from broker.fair import Dispatcher, Tenant
 from broker.keys import Keys
 from broker.messages import JOB_REQUEST, JobRequest
 from broker.settings import Settings
@@ -42,7 +42,7 @@ class Sim:
         self.redis, self.settings, self.app = client, settings, app
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(client, settings)
-        self.queue = FairQueue(client, Fair(app, self.keys, settings))
+        self.queue = Dispatcher(client, app, self.keys, settings)
         self.base = self.keys.fair("chat")
 
     def slots(self, n: int, worker: str = "w1", ttl_s: float = 600) -> None:
