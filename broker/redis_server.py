@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class EmbeddedRedis:
     user: str | None = None  # with a password: an ACL user, and the default user off
     replica_of: int | None = None  # a replica of the loopback Redis on this port
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    preexec: Callable[[], None] | None = field(default=None, repr=False)  # cli.supervisor's
 
     @property
     def url(self) -> str:
@@ -91,7 +93,8 @@ class EmbeddedRedis:
     def _spawn(self, timeout_s: float) -> None:
         # Its own session: a terminal's Ctrl-C reaches our supervisor, which stops Redis last.
         self.process = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, start_new_session=True
+            self.command(), stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=self.preexec,
         )
         self.wait_ready(timeout_s)
         log.info("redis-server pid %s at %s", self.process.pid, self.url)

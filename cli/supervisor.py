@@ -3,16 +3,54 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("tokenpool.up")
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    """Linux's prctl, looked up before any fork (a child between fork and exec may do
+    little more than call it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send the child `sig` when the process that started
+    it dies, however it dies: children run in sessions of their own (a terminal's Ctrl-C goes
+    to `up`, which stops them in order), so a SIGKILLed `up` (the OOM killer, kill -9) would
+    otherwise leave its workers holding their models, its API its port and its Redis its
+    data, with nobody to stop them. SIGKILL for our own processes: nothing of theirs needs
+    saving (a running job is queued again when the system is back), and a Celery worker or
+    Flower told SIGTERM while their Redis goes too can retry the broker for ever instead of
+    exiting; SIGTERM for Redis, which writes its AOF and exits. None where the kernel has no
+    such call. The signal follows the thread that started the child: `up` starts and restarts
+    every child from its main thread."""
+    prctl, parent = _prctl(), os.getpid()
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # it died before the call: no signal will come
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def tokenpool_argv(*args: str) -> list[str]:
@@ -28,6 +66,7 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's
+    preexec: Callable[[], None] | None = None  # die_with_parent() under `up`
 
     def start(self, env: dict[str, str]) -> None:
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
@@ -35,6 +74,7 @@ class Child:
             self.process = subprocess.Popen(
                 self.argv, env={**env, **self.env}, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                preexec_fn=self.preexec,
             )
         finally:
             if out:
@@ -56,10 +96,11 @@ class Supervisor:
     log_dir: Path | None = None
     children: list[Child] = field(default_factory=list)
     restart_delay_s: float = 1.0
+    preexec: Callable[[], None] | None = None  # for every child (see die_with_parent)
 
     def add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log" if self.log_dir else None
-        child = Child(name, argv, log_path, env=env or {})
+        child = Child(name, argv, log_path, env=env or {}, preexec=self.preexec)
         self.children.append(child)
         return child
 

@@ -17,7 +17,7 @@ from broker.connection import sync_redis
 from broker.redis_server import EmbeddedRedis, free_port, port_is_free
 from broker.settings import Settings
 from broker.sources import BUNDLED, resolve
-from cli.supervisor import Supervisor, tokenpool_argv
+from cli.supervisor import Supervisor, die_with_parent, tokenpool_argv
 from schedules.beat import beat_schedule
 
 log = logging.getLogger("tokenpool.up")
@@ -138,7 +138,8 @@ def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
         server: EmbeddedRedis | None = None
         if not url:
             server = EmbeddedRedis(settings.data_dir / "redis", settings.embedded_redis_port,
-                                   appendfsync=settings.embedded_redis_appendfsync)
+                                   appendfsync=settings.embedded_redis_appendfsync,
+                                   preexec=die_with_parent(signal.SIGTERM))
             url = server.start().url
             cleanup.callback(server.stop)
         prepare_bundled(settings)
@@ -146,7 +147,7 @@ def run_up(settings: Settings, stop: threading.Event | None = None) -> None:
         api_port = free_port(settings.api_port, settings.api_host)
         flower_port = free_port(settings.flower_port)
         env = {**os.environ, "REDIS_URL": url, "TOKENPOOL_FLOWER_PASSWORD": password}
-        sup = Supervisor(env=env, log_dir=settings.data_dir / "logs")
+        sup = Supervisor(env=env, log_dir=settings.data_dir / "logs", preexec=die_with_parent())
         plan(sup, settings, api_port, flower_port)
         sup.start()
         cleanup.callback(sup.stop)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from broker.redis_server import free_port
-from tests.conftest import stack_env
+from tests.conftest import chat_only_config, stack_env
 
 
 def start_up(tmp_path, config_file):
@@ -120,3 +120,28 @@ def test_up_runs_the_system_and_ctrl_c_leaves_no_process_behind(up):
     assert "worker-chat exited with -9; restarted" in proc.stdout.read()
     time.sleep(0.5)
     assert [c.pid for c in children if c.is_running() and c.status() != "zombie"] == []
+
+
+def test_a_sigkilled_up_takes_every_process_it_started_with_it(tmp_path):
+    """`up` killed with SIGKILL (the OOM killer, kill -9) cannot stop its children itself:
+    the kernel signals each when up dies (cli.supervisor's die_with_parent: SIGKILL for ours,
+    SIGTERM for Redis), so no worker keeps its model, no API its port, no Redis its data."""
+    config = tmp_path / "tokenpool.toml"
+    config.write_text(chat_only_config("tporphans"))
+    proc, _ = start_up(tmp_path, config)
+    try:
+        urls = read_urls(proc)
+        wait_status(f"{urls['api']}/ready", 200)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = sorted(" ".join(c.cmdline()[2:4]) if "cli.main" in c.cmdline() else c.name()
+                       for c in children)
+        assert names == ["cli.main api", "cli.main flower", "cli.main webhooks",
+                         "cli.main worker", "redis-server"], names
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while left := [c for c in children if c.is_running() and c.status() != "zombie"]:
+            assert time.monotonic() < deadline, f"still running after up died: {left}"
+            time.sleep(0.2)
+    finally:
+        stop_up(proc)
