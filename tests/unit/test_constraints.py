@@ -28,6 +28,24 @@ def test_a_schema_becomes_a_grammar_with_a_root_rule() -> None:
     assert '"\\"name\\""' in grammar
 
 
+def test_a_schema_is_converted_once_per_process_keeping_its_properties_order() -> None:
+    from broker.constraints import _schema_grammar
+
+    schema = {"type": "object", "properties": {"zeta": {"type": "string"},
+                                               "alpha": {"type": "integer"}},
+              "required": ["zeta", "alpha"]}
+    first = schema_grammar(schema, "schema")
+    hits = _schema_grammar.cache_info().hits
+    assert schema_grammar(json.loads(json.dumps(schema)), "schema") == first
+    assert _schema_grammar.cache_info().hits == hits + 1
+    flipped = {**schema, "properties": dict(reversed(schema["properties"].items()))}
+    root = next(line for line in schema_grammar(flipped, "schema").splitlines()
+                if line.startswith("root ::="))
+    assert root.index("alpha") < root.index("zeta")  # the order is part of the key
+    root = next(line for line in first.splitlines() if line.startswith("root ::="))
+    assert root.index("zeta") < root.index("alpha")
+
+
 @pytest.mark.parametrize(("schema", "field"), [
     ({"type": "object", "patternProperties": {"^a": {}}}, "s.patternProperties"),
     ({"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}},
