@@ -182,7 +182,7 @@ async def get_job(request: Request) -> JSONResponse:
     record = await visible_record(request, job_id_of(request))
     body = public(record)
     if record["status"] == "queued":
-        workers = (await fleet(state)).get(record["model"], [])
+        workers = (await fleet(state, max_age_s=1.0)).get(record["model"], [])
         body["queue"] = await place_in_line(state, record, workers)
     return JSONResponse(body)
 

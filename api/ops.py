@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from starlette.requests import Request
@@ -15,10 +16,17 @@ from api.queueing import queue_wait
 from broker.fleet import live_workers
 
 
-async def fleet(state: Any) -> dict[str, list[dict[str, Any]]]:
+async def fleet(state: Any, max_age_s: float = 0.0) -> dict[str, list[dict[str, Any]]]:
+    """Live workers' heartbeats by model; with `max_age_s`, the last read if it is younger
+    (a queued job's GET, polled by every waiting client, reads the fleet at most once a
+    second this way rather than every heartbeat each time; heartbeats are seconds apart)."""
+    cached = getattr(state, "fleet_read", None)
+    if max_age_s > 0 and cached and time.monotonic() - cached[0] < max_age_s:
+        return cast(dict[str, list[dict[str, Any]]], cached[1])
     by_model: dict[str, list[dict[str, Any]]] = {name: [] for name in state.settings.models}
     for beat in await live_workers(state.redis, state.keys, state.settings.heartbeat_ttl_s):
         by_model.setdefault(beat.get("model", "?"), []).append(beat)
+    state.fleet_read = (time.monotonic(), by_model)
     return by_model
 
 
