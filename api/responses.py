@@ -198,19 +198,12 @@ async def response_record(request: Request, response: str, param: str = "id",
     return record
 
 
-async def text_so_far(state: Any, job_id: str) -> str:
-    """The tokens the job's stream holds: the output of a job not (or not well) ended."""
-    entries = await state.redis.xrange(state.keys.events(job_id))
-    events = (json.loads(fields[b"event"]) for _, fields in entries)
-    return "".join(event["text"] for event in events if event["type"] == "token")
-
-
 async def output_text(state: Any, record: dict[str, Any]) -> str | None:
     if record["status"] == "succeeded":
         return str((record.get("result") or {}).get("text") or "")
     if record["status"] == "queued" and not record.get("attempts"):
         return None
-    return await text_so_far(state, record["id"])
+    return await state.store.published_text(record["id"])
 
 
 async def history_after(request: Request, previous: str | None) -> list[dict[str, Any]]:

@@ -308,6 +308,12 @@ class Finished:
     gap: bool = False
 
 
+def token_events(entries: StreamEntries) -> list[dict[str, Any]]:
+    """The token events of a job's stream entries (XRANGE's reply), in seq order."""
+    events = (json.loads(fields[b"event"]) for _, fields in entries)
+    return [event for event in events if event.get("type") == "token"]
+
+
 def _finished(reply: Any) -> Finished:
     if isinstance(reply, list):
         return Finished(int(reply[1]), gap=True)
@@ -541,9 +547,8 @@ class JobStore:
 
     def published_tokens(self, job_id: str) -> list[dict[str, Any]]:
         """Every token event so far, in seq order: where a new attempt goes on."""
-        entries = cast(StreamEntries, self.redis.xrange(self.args.keys.events(job_id)))
-        events = (json.loads(fields[b"event"]) for _, fields in entries)
-        return [event for event in events if event.get("type") == "token"]
+        return token_events(cast(StreamEntries,
+                                 self.redis.xrange(self.args.keys.events(job_id))))
 
     def published_text(self, job_id: str) -> str:
         return "".join(event["text"] for event in self.published_tokens(job_id))
@@ -602,6 +607,11 @@ class AsyncJobStore:
         if gone:
             await self.redis.zrem(self.args.keys.dead_letters(), *gone)
         return [rec for rec in records if rec is not None]
+
+    async def published_text(self, job_id: str) -> str:
+        """The tokens the job's stream holds: the output of a job not (or not well) ended."""
+        entries = await self.redis.xrange(self.args.keys.events(job_id))
+        return "".join(event["text"] for event in token_events(cast(StreamEntries, entries)))
 
     async def is_dead_letter(self, job_id: str) -> bool:
         return await self.redis.zscore(self.args.keys.dead_letters(), job_id) is not None
