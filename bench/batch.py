@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 
 from bench.record import recorded
-from bench.stack import start_stack, wait_ready
+from bench.stack import bench_redis, start_stack, wait_ready
 from broker.prompts import render_summary
-from broker.redis_server import EmbeddedRedis, free_port
+from broker.redis_server import free_port
 from broker.settings import Settings
 from broker.sources import resolve
 from workers.summarize import summary_instruction
@@ -78,7 +78,7 @@ def main() -> None:
     settings = Settings()
     docs = documents(args.docs)
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
+        server = bench_redis(Path(tmp) / "redis")
         port = free_port()
         overrides = ({"models__summary__prompt_chunk_tokens": str(args.prompt_chunk)}
                      if args.prompt_chunk else {})

@@ -44,10 +44,11 @@ import psutil
 
 from bench.llama_server import ensure_llama_server, library_env
 from bench.record import recorded, result_name
-from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
-from broker.redis_server import EmbeddedRedis, free_port
+from bench.stack import add_gpu_arguments, bench_redis, gpu_settings, start_stack, wait_ready
+from broker.redis_server import free_port
 from broker.settings import Settings
 from broker.sources import resolve
+from cli.supervisor import die_with_parent
 
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
             "repeat_penalty": 1.0}
@@ -172,7 +173,8 @@ class LlamaServer:
             str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(self.threads), "-tb", str(self.threads), "-c", str(N_CTX * parallel),
             "-np", str(parallel), "-ngl", "0" if self.gpu == "cpu" else "99", "--no-webui"],
-            stdout=log, stderr=log, env={**library_env(self.binary), **gpu_env(self.gpu)})
+            stdout=log, stderr=log, env={**library_env(self.binary), **gpu_env(self.gpu)},
+            preexec_fn=die_with_parent())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
@@ -327,7 +329,7 @@ def main() -> None:
     args.threads = os.cpu_count() or 1
     binary = args.llama_server or ensure_llama_server(settings.cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        redis_server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
+        redis_server = bench_redis(Path(tmp) / "redis")
         port = free_port()
         sup = start_stack(redis_server.url, port, Path(tmp) / "logs", gpu=args.gpu,
                           **gpu_settings(args.gpu, "chat", max_batch_for(args.levels),
@@ -337,7 +339,7 @@ def main() -> None:
         ours = f"http://127.0.0.1:{port}"
         server = LlamaServer(binary, args.gguf, args.threads, Path(tmp), args.gpu)
         try:
-            wait_ready(httpx.Client(base_url=ours, timeout=30))
+            wait_ready(httpx.Client(base_url=ours, timeout=30), sup=sup)
             asyncio.run(run_level(ours, tokenpool_job, 1, 8, PROMPTS, 99))  # warm
             pids = {child.name: child.process.pid for child in sup.children if child.process}
             groups = {"worker": [pids["worker-chat"]],

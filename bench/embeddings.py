@@ -26,8 +26,8 @@ import httpx
 import redis.asyncio as aioredis
 
 from bench.record import recorded, result_name
-from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
-from broker.redis_server import EmbeddedRedis, free_port
+from bench.stack import add_gpu_arguments, bench_redis, gpu_settings, start_stack, wait_ready
+from broker.redis_server import free_port
 from broker.settings import Settings
 from broker.sources import resolve
 
@@ -117,13 +117,13 @@ def main() -> None:
     source = args.model or str(resolve(spec.source, settings.cache_dir))
     model = SentenceTransformer(source, device="cpu" if args.gpu == "cpu" else "cuda")
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
+        server = bench_redis(Path(tmp) / "redis")
         port = free_port()
         sup = start_stack(server.url, port, Path(tmp) / "logs", model="embed", gpu=args.gpu,
                           **gpu_settings(args.gpu, "embed", max_batch, args.model))
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(httpx.Client(base_url=url, timeout=30), model="embed")
+            wait_ready(httpx.Client(base_url=url, timeout=30), model="embed", sup=sup)
             asyncio.run(through_api(url, server.url, settings.key_prefix, texts(16, 99),
                                     submit_batch))
             direct(model, texts(16, 99))

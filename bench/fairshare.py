@@ -25,10 +25,10 @@ import httpx
 import redis
 
 from bench.record import recorded
-from bench.stack import wait_ready
+from bench.stack import bench_redis, wait_ready
 from broker.apikeys import KeyStore
 from broker.keys import Keys
-from broker.redis_server import EmbeddedRedis, free_port
+from broker.redis_server import free_port
 from cli.supervisor import Supervisor, tokenpool_argv
 
 PREFIX = "tpbench"
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
+        server = bench_redis(Path(tmp) / "redis")
         client = redis.Redis.from_url(server.url)
         keys = Keys(PREFIX)
         store = KeyStore(client, keys)

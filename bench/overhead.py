@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 
 from bench.record import recorded, result_name
-from bench.stack import add_gpu_arguments, gpu_settings, start_stack, wait_ready
-from broker.redis_server import EmbeddedRedis, free_port
+from bench.stack import add_gpu_arguments, bench_redis, gpu_settings, start_stack, wait_ready
+from broker.redis_server import free_port
 from broker.settings import Settings
 from broker.sources import resolve
 
@@ -84,17 +84,18 @@ def main() -> None:
     settings = Settings()
     spec = settings.models["chat"]
     path = Path(args.model) if args.model else resolve(spec.source, settings.cache_dir)
+    args.gguf_name = "Gemma 3 270M Q4_K_M" if args.model is None else path.name
     threads = args.threads = spec.n_threads or os.cpu_count() or 1
     llm = Llama(str(path), n_ctx=spec.n_ctx, n_threads=threads, n_threads_batch=threads,
                 n_gpu_layers=0 if args.gpu == "cpu" else -1, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
+        server = bench_redis(Path(tmp) / "redis")
         port = free_port()
         sup = start_stack(server.url, port, Path(tmp) / "logs", gpu=args.gpu,
                           **gpu_settings(args.gpu, "chat", spec.max_batch, args.model))
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
         try:
-            wait_ready(http)
+            wait_ready(http, sup=sup)
             through_queue(http, "Warm up.", 8)
             in_process(llm, "Warm up.", 8)
             local, queued = [], []
@@ -113,7 +114,7 @@ def report(local: list[Run], queued: list[Run], args: argparse.Namespace) -> Non
     rate_l, rate_q = p50([r.rate for r in local]), p50([r.rate for r in queued])
     ttft_l, ttft_q = p50([r.ttft_s for r in local]), p50([r.ttft_s for r in queued])
     print(f"overhead: greedy generation, max_tokens {args.max_tokens}, {args.runs} runs each, "
-          f"interleaved; Gemma 3 270M Q4_K_M, {args.threads} llama.cpp threads")
+          f"interleaved; {args.gguf_name}, {args.threads} llama.cpp threads")
     print(f"{'':28}{'in-process':>14}{'tokenpool':>14}")
     print(f"{'tokens per run (p50)':28}{p50([r.tokens for r in local]):>14.0f}"
           f"{p50([r.tokens for r in queued]):>14.0f}")

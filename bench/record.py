@@ -11,12 +11,16 @@ import contextlib
 import io
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# TOKENPOOL_BENCH_RESULTS: another folder (bench/gpu/run.sh writes a GPU host's tables to the
+# folder its caller collects).
+RESULTS = Path(os.environ.get("TOKENPOOL_BENCH_RESULTS")
+               or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> str:
@@ -28,6 +32,25 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def gpu_machine(index: int) -> str | None:
+    """GPU `index` (NVML's numbering, which CUDA_VISIBLE_DEVICES does not change) by name and
+    memory, then the host as machine() says; None without NVML or that GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no such GPU: the caller says CPU
+        return None
+    name = name.decode() if isinstance(name, bytes) else name
+    return f"{name} (GPU {index}, {int(total) / 2**30:.0f} GiB) on {machine()}"
 
 
 class _Tee(io.TextIOBase):
@@ -52,7 +75,11 @@ def result_name(base: str, gpu: str = "cpu") -> str:
 @contextlib.contextmanager
 def recorded(name: str, where: str | None = None) -> Iterator[None]:
     """Tee what the block prints; if it ends well, write it as `name`'s latest result.
-    `where`: what it ran on when that is not this CPU (a GPU)."""
+    `where`: what it ran on when that is not this CPU; a `-gpuN` name (result_name) says
+    that GPU's name by itself."""
+    gpu = re.search(r"-gpu(\d+)$", name)
+    if where is None and gpu:
+        where = gpu_machine(int(gpu.group(1)))
     captured = io.StringIO()
     real = sys.stdout
     sys.stdout = _Tee(real, captured)  # type: ignore[assignment]

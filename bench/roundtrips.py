@@ -26,7 +26,7 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
-from broker.redis_server import EmbeddedRedis
+from bench.stack import bench_redis
 from broker.settings import Settings
 from broker.store import JobStore
 from workers.writer import EventWriter
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
+        server = bench_redis(Path(tmp) / "redis")
         try:
             client = redis.Redis.from_url(server.url)
             write_cpu_us(client, 200, "alone")  # warm: scripts loaded, connections open

@@ -31,8 +31,8 @@ import jsonschema
 from bench.batching import N_CTX, LlamaServer
 from bench.llama_server import ensure_llama_server
 from bench.record import recorded
-from bench.stack import start_stack, wait_ready
-from broker.redis_server import EmbeddedRedis, free_port
+from bench.stack import bench_redis, start_stack, wait_ready
+from broker.redis_server import free_port
 from broker.settings import Settings
 from broker.sources import resolve
 
@@ -113,7 +113,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {"free": [], "constrained": [], "llama-server": []}
     valids = {"constrained": 0, "llama-server": 0}
     with tempfile.TemporaryDirectory() as tmp:
-        redis_server = EmbeddedRedis(Path(tmp) / "redis", appendonly=False).start()
+        redis_server = bench_redis(Path(tmp) / "redis")
         port = free_port()
         sup = start_stack(redis_server.url, port, Path(tmp) / "logs",
                           models__chat__n_ctx=str(N_CTX),
