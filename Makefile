@@ -18,7 +18,7 @@ endif
 # hand back a wheel of the same version built with other flags.
 WHEELS := $(HOME)/.cache/tokenpool/wheels/$(shell echo '$(LLAMA_CPP) $(LLAMA_CFLAGS) $(CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: install sysdeps up test test-fast bench bench-gpu docs reference
+.PHONY: install sysdeps up test test-fast bench bench-gpu gpu-bundle docs reference
 install: $(VENV)/.installed examples/node/node_modules/.installed
 
 # Debian's Chromium, for the Flower test in a real headless browser, and Debian's redis-server,
@@ -83,3 +83,7 @@ bench-gpu: install
 	  --levels 1,8,16,32,64 --max-tokens 128 --rounds 3
 	$(BIN)/python -m bench.overhead --gpu $(GPU) --model $(GGUF)
 	$(BIN)/python -m bench.embeddings --gpu $(GPU) --max-batch 64
+
+# A GPU host without network: .gpu/ holds what it lacks; there, `bash bench/gpu/run.sh`.
+gpu-bundle: install
+	$(BIN)/python -m bench.gpu.bundle
