@@ -43,7 +43,7 @@ import httpx
 import psutil
 
 from bench.llama_server import ensure_llama_server, library_env
-from bench.record import recorded, result_name
+from bench.record import recorded
 from bench.stack import add_gpu_arguments, bench_redis, gpu_settings, start_stack, wait_ready
 from broker.redis_server import free_port
 from broker.settings import Settings
@@ -351,7 +351,7 @@ def main() -> None:
             server.stop()
             sup.stop()
             redis_server.stop()
-    with recorded(result_name("batching", args.gpu)):
+    with recorded("batching", args.gpu):
         report(table, prefix, invariant, args)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
-from bench.record import recorded, result_name
+from bench.record import recorded
 from bench.stack import add_gpu_arguments, bench_redis, gpu_settings, start_stack, wait_ready
 from broker.redis_server import free_port
 from broker.settings import Settings
@@ -141,7 +141,7 @@ def main() -> None:
             server.stop()
     base = statistics.median(theirs)
     one, many = statistics.median(batched), statistics.median(each)
-    with recorded(result_name("embeddings", args.gpu)):
+    with recorded("embeddings", args.gpu):
         print(f"embeddings: {args.jobs} single-text jobs, {args.rounds} rounds (median), "
               f"max_batch {max_batch}, batch_wait_ms {spec.batch_wait_ms:g}, "
               f"{'CPU' if args.gpu == 'cpu' else f'GPU {args.gpu}'}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.record import recorded, result_name
+from bench.record import recorded
 from bench.stack import add_gpu_arguments, bench_redis, gpu_settings, start_stack, wait_ready
 from broker.redis_server import free_port
 from broker.settings import Settings
@@ -106,7 +106,7 @@ def main() -> None:
             http.close()
             sup.stop()
             server.stop()
-    with recorded(result_name("overhead", args.gpu)):
+    with recorded("overhead", args.gpu):
         report(local, queued, args)
 
 

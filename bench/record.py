@@ -11,7 +11,6 @@ import contextlib
 import io
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -67,19 +66,13 @@ class _Tee(io.TextIOBase):
             stream.flush()  # type: ignore[attr-defined]
 
 
-def result_name(base: str, gpu: str = "cpu") -> str:
-    """`base` on a CPU, `base-gpuN` on GPU N: each keeps its own latest result."""
-    return base if gpu == "cpu" else f"{base}-gpu{gpu}"
-
-
 @contextlib.contextmanager
-def recorded(name: str, where: str | None = None) -> Iterator[None]:
-    """Tee what the block prints; if it ends well, write it as `name`'s latest result.
-    `where`: what it ran on when that is not this CPU; a `-gpuN` name (result_name) says
-    that GPU's name by itself."""
-    gpu = re.search(r"-gpu(\d+)$", name)
-    if where is None and gpu:
-        where = gpu_machine(int(gpu.group(1)))
+def recorded(name: str, gpu: str = "cpu") -> Iterator[None]:
+    """Tee what the block prints; if it ends well, write it as `name`'s latest result, or on
+    GPU N (`gpu`, an index) as `name-gpuN`'s, headed with that GPU: each keeps its own."""
+    where = None
+    if gpu != "cpu":
+        name, where = f"{name}-gpu{gpu}", gpu_machine(int(gpu))
     captured = io.StringIO()
     real = sys.stdout
     sys.stdout = _Tee(real, captured)  # type: ignore[assignment]

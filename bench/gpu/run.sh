@@ -67,7 +67,8 @@ for p in glob.glob(b + "/nvidia/**/libcublas.so.*", recursive=True))), ""))')
   fi
 fi
 if [ "$(uname -m)" = x86_64 ]; then  # as the Makefile: AMX kernels crash (llama.cpp#20824)
-  export CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CXXFLAGS=$CFLAGS
 fi
 if [ ! -x "$W/llama/bin/llama-server" ]; then
   cmake -S "$SRC/vendor/llama.cpp" -B "$W/llama" -G Ninja -DCMAKE_BUILD_TYPE=Release \
