@@ -42,7 +42,7 @@ def time_rows(backend: LlamaBackend, rows: list[int], seed: int, shortcut: bool)
     sampling = Sampling(max_tokens=1, seed=seed, **SAMPLING)
     requests = [Request(tokens=[], sampling=sampling, max_new=1, sink=Unfed()) for _ in rows]
     for request in requests:  # chains are made when a job is seated, not per token
-        request.sampler = backend.sampler_for(sampling)
+        request.sampler = backend.sampler_for(request)
     started = time.perf_counter()
     tokens = [backend.sample(request, row) for request, row in zip(requests, rows, strict=True)]
     return 1e6 * (time.perf_counter() - started) / len(rows), tokens
