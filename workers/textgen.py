@@ -53,15 +53,18 @@ class Generation:
 
 class TextSink:
     """The sink of one generation: sampled token bytes to text pieces (UTF-8 across tokens,
-    stop strings, the token budget), each piece to `emit`, `settle` after each step.
+    stop strings, the token budget), each piece to `emit`; after each step `send` (what the
+    step queued goes out, its answer read with the next step's), `settle` at the end.
 
     A batch engine calls it in its own thread, so an error here (a cancel, a deadline, the job
     gone) is kept and the generation stopped; `finish`, back in the job's thread, raises it.
     """
 
     def __init__(self, budget: int, sampling: Sampling, gen: Generation,
-                 emit: Callable[[str], None], settle: Callable[[], None]) -> None:
+                 emit: Callable[[str], None], settle: Callable[[], None],
+                 send: Callable[[], None] | None = None) -> None:
         self.budget, self.gen, self.emit, self.settle = budget, gen, emit, settle
+        self.send = send or settle
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopFilter(sampling.stop)
         self.stopped = False
@@ -87,7 +90,7 @@ class TextSink:
 
     def flush(self) -> bool:
         try:
-            self.settle()
+            self.send()
             return self.error is None
         except Exception as exc:
             self.error = exc
@@ -108,9 +111,11 @@ class TextSink:
 def generate_text(
     model: TextModel, prompt_tokens: list[int], sampling: Sampling, gen: Generation,
     emit: Callable[[str], None], settle: Callable[[], None] = lambda: None,
+    send: Callable[[], None] | None = None,
 ) -> None:
-    """Generate, handing non-empty text pieces to `emit` as tokens are sampled (`settle`
-    after each decode step); `gen` records counts and why it ended.
+    """Generate, handing non-empty text pieces to `emit` as tokens are sampled (`send` after
+    each decode step, `settle` at the end; `send` defaults to `settle`); `gen` records counts
+    and why it ended.
 
     Stops at end of generation, at a stop string (not included), at `max_tokens`, or when the
     context is full. The pieces concatenated are the whole text. A continued generation passes
@@ -122,6 +127,6 @@ def generate_text(
         gen.finish_reason = "length"
         return
     gen.finish_reason = "stop"
-    sink = TextSink(budget, sampling, gen, emit, settle)
+    sink = TextSink(budget, sampling, gen, emit, settle, send)
     model.generate(prompt_tokens, replace(sampling, resumed=gen.completion_tokens), sink)
     sink.finish()

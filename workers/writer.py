@@ -82,6 +82,14 @@ class EventWriter:
         if appended.cancel_requested:
             raise JobCancelled(self.job_id)
 
+    def send(self) -> None:
+        """Send the queued append (and whatever else is queued) without waiting for its
+        answer, which the next `settle` reads: a batch engine sends a step's appends before
+        its next decode, so the round trip runs while llama.cpp computes. A cancel or a
+        refusal is then seen one step later."""
+        if self._pending is not None:
+            self.store.appends.send()
+
     def _fill(self, end: int) -> Appended:
         """Redis's stream ends at `end`, before events this attempt wrote: write them again,
         one at a time, each at its own seq. Events before the attempt's first are not ours to

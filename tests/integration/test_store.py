@@ -170,6 +170,83 @@ def test_a_shared_round_trip_keeps_each_calls_own_answer(store, redis_server):
     assert [e["type"] for e in events(store, stale)][-1] == "started"
 
 
+def started_jobs(store, url, n):
+    jobs = [create(url) for _ in range(n)]
+    return [(job_id, store.start(job_id, "w1", 1, f"t{job_id}").next_seq) for job_id in jobs]
+
+
+def test_a_sent_round_trip_is_read_by_the_next_wait_of_any_thread(store, redis_server):
+    """`send` writes a step's appends and returns; Redis runs them meanwhile; the next wait,
+    here in another thread, reads every answer of that round trip, each its own."""
+    (live, seq), (cancelled, cseq) = started_jobs(store, redis_server.url, 2)
+    store.cancel_many([cancelled])
+    group = store.appends
+    before = group.round_trips
+    calls = [store.append_later(live, TokenEvent(job=live, text="a"), 1, seq),
+             store.append_later(cancelled, TokenEvent(job=cancelled, text="b"), 1, cseq)]
+    group.send()
+    assert not any(call.done for call in calls) and group._inflight is not None
+    deadline = time.time() + 5
+    while [e["type"] for e in events(store, live)][-1] != "token":  # written before any read
+        assert time.time() < deadline
+        time.sleep(0.01)
+    answers = {}
+    reader = threading.Thread(target=lambda: answers.update(
+        live=store.appended(calls[0]), cancelled=store.appended(calls[1])))
+    reader.start()
+    reader.join()
+    assert group.round_trips == before + 1 and group._inflight is None
+    assert answers["live"].seq == seq and not answers["live"].cancel_requested
+    assert answers["cancelled"].cancel_requested and not answers["cancelled"].refused
+    assert [e["text"] for e in events(store, live) if e["type"] == "token"] == ["a"]
+    group.send()  # nothing queued: nothing sent
+    assert group._inflight is None
+
+
+def test_replies_lost_with_the_connection_are_got_by_sending_again_and_written_once(
+        store, redis_server, monkeypatch):
+    """The connection drops after the first of three replies: the other two calls go again
+    through the client's retried path, and every stream holds its token once."""
+    jobs = started_jobs(store, redis_server.url, 3)
+    calls = [store.append_later(job_id, TokenEvent(job=job_id, text=f"t{i}"), 1, seq)
+             for i, (job_id, seq) in enumerate(jobs)]
+    before = store.appends.round_trips, store.appends.calls
+    store.appends.send()
+    connection = store.appends._inflight[1]
+    read, reads = connection.read_response, []
+
+    def first_then_reset(*args, **kwargs):
+        reads.append(1)
+        if len(reads) == 2:  # the connection, pooled again after, reads as usual
+            raise redis.ConnectionError("reset")
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(connection, "read_response", first_then_reset)
+    answers = [store.appended(call) for call in calls]
+    assert len(reads) >= 2  # the reset happened: one reply read, two calls sent again
+    assert (store.appends.round_trips, store.appends.calls) == (before[0] + 2, before[1] + 3)
+    assert [a.seq for a in answers] == [seq for _, seq in jobs]
+    assert not any(a.refused or a.gap for a in answers)
+    for i, (job_id, seq) in enumerate(jobs):
+        stored = events(store, job_id)
+        assert [e["seq"] for e in stored] == list(range(seq + 1))
+        assert [e["text"] for e in stored if e["type"] == "token"] == [f"t{i}"]
+
+
+def test_a_send_that_cannot_reach_redis_leaves_the_calls_to_the_retried_path(
+        store, redis_server, monkeypatch):
+    (job_id, seq), = started_jobs(store, redis_server.url, 1)
+    call = store.append_later(job_id, TokenEvent(job=job_id, text="x"), 1, seq)
+    pool = store.redis.connection_pool
+    monkeypatch.setattr(pool, "get_connection",
+                        lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError("away")))
+    store.appends.send()  # raises nothing: the engine thread goes on to its next decode
+    monkeypatch.undo()
+    assert store.appends._inflight == ([call], None)
+    assert store.appended(call).seq == seq
+    assert [e["text"] for e in events(store, job_id) if e["type"] == "token"] == ["x"]
+
+
 def lose_last_writes(store, job_id, n):
     """What a Redis killed between two AOF fsyncs (or a promoted replica) comes back
     without: the stream's last `n` events, and the job's seq counter with them."""

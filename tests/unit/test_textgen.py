@@ -147,6 +147,18 @@ def test_the_last_text_is_settled_before_generation_returns():
     assert emitted == ["a", "\ufffd"] and settled[-1] == ["a", "\ufffd"]
 
 
+def test_with_send_each_step_is_sent_and_only_the_end_settled():
+    """A batch engine's steps send their appends (answers read with the next step's) and
+    the generation settles once, at its end."""
+    model = ScriptedModel([b"a", b"b", b"c"])
+    emitted: list[str] = []
+    calls: list[tuple[str, int]] = []
+    generate_text(model, [0], Sampling(max_tokens=10), Generation(prompt_tokens=1),
+                  emitted.append, lambda: calls.append(("settle", len(emitted))),
+                  lambda: calls.append(("send", len(emitted))))
+    assert calls == [("send", 1), ("send", 2), ("send", 3), ("settle", 3)]
+
+
 def test_what_earlier_attempts_published_is_their_text_and_their_log_probabilities():
     from workers.runners import NOTHING, Published
 
