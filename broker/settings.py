@@ -68,9 +68,10 @@ class ModelSpec(BaseModel):
         8, ge=1, le=64, description="jobs one worker runs at once (llm: sequences decoded "
         "together; embedding: jobs gathered into one encode)"
     )
-    prompt_chunk_tokens: int = Field(
-        128, ge=8, le=4096, description="llm: prompt tokens joining jobs add to one step "
-        "(batch-invariant: in decodes of at most 63 from each job)"
+    prompt_chunk_tokens: int | None = Field(
+        None, ge=8, le=4096, description="llm: prompt tokens joining jobs add to one step "
+        "(batch-invariant: in decodes of at most 63 from each job); unset: 128 on the CPU, "
+        "2048 with layers on a GPU (llama-server's batch)"
     )
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="embedding: how long to gather jobs for one encode"

@@ -22,7 +22,7 @@ from broker.sources import resolve
 from broker.store import JobStore, Started
 from workers.control import ControlLoop
 from workers.engine import EmbeddingModel, TextModel
-from workers.gpu import layers_on, torch_device
+from workers.gpu import layers_on, prompt_chunk, torch_device
 from workers.heartbeat import Heartbeat, Periodic
 from workers.runners import (
     NOTHING,
@@ -56,9 +56,10 @@ def load_model(spec: ModelSpec, settings: Settings, gpu: str) -> TextModel | Emb
         if spec.batch_invariant and not batch_invariant_on(spec, gpu):
             log.warning("batch_invariant is not kept on a GPU (llama.cpp's CUDA kernels depend "
                         "on the batch): GPU %s runs this model without it", gpu)
-        return LlamaModel(path, spec.n_ctx, layers_on(gpu, spec.n_gpu_layers), spec.n_threads,
-                          spec.max_batch, spec.prompt_chunk_tokens, batch_invariant_on(spec, gpu),
-                          spec.fast_prefill)
+        layers = layers_on(gpu, spec.n_gpu_layers)
+        return LlamaModel(path, spec.n_ctx, layers, spec.n_threads, spec.max_batch,
+                          prompt_chunk(spec.prompt_chunk_tokens, layers),
+                          batch_invariant_on(spec, gpu), spec.fast_prefill)
     from workers.microbatch import MicroBatcher
     from workers.st_model import SentenceTransformerModel
 

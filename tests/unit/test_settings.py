@@ -96,6 +96,18 @@ def test_llm_models_are_batch_invariant_unless_told_otherwise_and_summary_is_tol
     assert models["summary"].batch_invariant is False  # prompt-heavy: the fastest kernels
 
 
+def test_prompt_chunks_are_llama_servers_batch_on_a_gpu_unless_configured():
+    from broker.settings import Settings
+    from workers.gpu import prompt_chunk
+
+    models = Settings().models
+    assert models["chat"].prompt_chunk_tokens is None
+    assert prompt_chunk(None, 0) == 128  # the CPU: prompts never stall decoding jobs long
+    assert prompt_chunk(None, -1) == prompt_chunk(None, 12) == 2048
+    assert prompt_chunk(models["summary"].prompt_chunk_tokens, -1) == 512  # set: kept
+    assert prompt_chunk(64, 0) == 64
+
+
 def test_batch_invariance_is_kept_on_the_cpu_only_and_never_promised_on_a_gpu():
     from broker.settings import ModelSpec
     from workers.runtime import batch_invariant_on
