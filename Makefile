@@ -18,7 +18,7 @@ endif
 # hand back a wheel of the same version built with other flags.
 WHEELS := $(HOME)/.cache/tokenpool/wheels/$(shell echo '$(LLAMA_CPP) $(LLAMA_CFLAGS) $(CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: install sysdeps up test test-fast bench bench-gpu gpu-bundle docs reference
+.PHONY: install sysdeps up test test-fast bench bench-gpu gpu-bundle bench-gpulike docs reference
 install: $(VENV)/.installed examples/node/node_modules/.installed
 
 # Debian's Chromium, for the Flower test in a real headless browser, and Debian's redis-server,
@@ -87,3 +87,9 @@ bench-gpu: install
 # A GPU host without network: .gpu/ holds what it lacks; there, `bash bench/gpu/run.sh`.
 gpu-bundle: install
 	$(BIN)/python -m bench.gpu.bundle
+
+# The same script here, GPU-like (docs/gpu.md): a tiny model on one thread steps as fast as a
+# GPU, so the queue's own per-step costs show; tables in bench/results/<name>-gpulike.md.
+bench-gpulike: gpu-bundle
+	GPU=cpu PY=$(BIN)/python SITE=venv LEVELS=1,8,16 ROUNDS=8 DEADLINE=1500 BENCH_TIMEOUT=600 \
+	  bash bench/gpu/run.sh

@@ -20,6 +20,9 @@ from pathlib import Path
 # folder its caller collects).
 RESULTS = Path(os.environ.get("TOKENPOOL_BENCH_RESULTS")
                or Path(__file__).resolve().parent / "results")
+# TOKENPOOL_BENCH_TAG: results named NAME-TAG.md (bench/gpu/run.sh's GPU-like run on a CPU
+# keeps its tables beside the CPU ones, not over them).
+TAG = os.environ.get("TOKENPOOL_BENCH_TAG", "")
 
 
 def machine() -> str:
@@ -73,6 +76,8 @@ def recorded(name: str, gpu: str = "cpu") -> Iterator[None]:
     where = None
     if gpu != "cpu":
         name, where = f"{name}-gpu{gpu}", gpu_machine(int(gpu))
+    if TAG:
+        name = f"{name}-{TAG}"
     captured = io.StringIO()
     real = sys.stdout
     sys.stdout = _Tee(real, captured)  # type: ignore[assignment]

@@ -2,7 +2,12 @@
 # The GPU benchmarks (issue 22's table) on a host that can download nothing, from the bundle
 # that `python -m bench.gpu.bundle` gathers into .gpu/ on a machine with the registries:
 #   bash bench/gpu/run.sh              # GPU 0; tables to $OUT if set, else bench/results/
-#   GPU=cpu PY=... bash bench/gpu/run.sh   # every step on a CPU box, a tiny model (a dry run)
+#   GPU=cpu PY=... bash bench/gpu/run.sh   # every step on a CPU box: a GPU-like run (below)
+#   GPU=cpu PY=.venv/bin/python SITE=venv bash bench/gpu/run.sh   # the same with our venv
+# GPU=cpu is a GPU-like run: a 20M-parameter body on one llama.cpp thread decodes a token in
+# about the time a GPU takes for a real model's (1-2 ms), so the queue's own costs per step
+# and per job weigh as they do on a GPU; both sides without batch invariance, as on a GPU.
+# Its tables are recorded as NAME-gpulike.md, beside (never over) the CPU ones.
 # Steps, each skipped when its output is already there (a warm host runs again in seconds):
 # the bundle's wheels into build/gpu/site; llama-cpp-python's sdist unpacked; ONE CMake build
 # of its vendored llama.cpp for this GPU, giving both the libraries the worker loads
@@ -16,6 +21,7 @@ PY=${PY:-python3}
 BUNDLE=${BUNDLE:-.gpu}
 WORK=${WORK:-build/gpu}
 RESULTS=${OUT:-bench/results}
+SITE=${SITE:-bundle}  # bundle: the bundle's wheels; venv: the packages PY already has
 LEVELS=${LEVELS:-1,8,16,32,64}
 ROUNDS=${ROUNDS:-3}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-240}  # each benchmark at most, and all of it within DEADLINE
@@ -25,6 +31,12 @@ export TOKENPOOL_BENCH_RESULTS=$(cd "$RESULTS" && pwd)
 exec > >(tee -a "$RESULTS/gpu-run.log") 2>&1
 log() { echo "[$(date +%T) +${SECONDS}s] $*"; }
 test -d "$BUNDLE/whl" || { echo "no $BUNDLE/whl: run python -m bench.gpu.bundle first"; exit 2; }
+LIKE=()
+if [ "$GPU" = cpu ]; then
+  export TOKENPOOL_BENCH_TAG=gpulike TOKENPOOL_MODELS__CHAT__N_THREADS=1
+  export TOKENPOOL_MODELS__CHAT__BATCH_INVARIANT=false TOKENPOOL_MODELS__CHAT__PROMPT_CHUNK_TOKENS=2048
+  LIKE=(--fast --threads 1)
+fi
 ROOT=$PWD
 W=$ROOT/$WORK
 if [ "$GPU" != cpu ]; then
@@ -33,7 +45,7 @@ fi
 $PY --version
 
 log "wheels"
-if [ ! -e "$W/site/.done" ]; then
+if [ "$SITE" = bundle ] && [ ! -e "$W/site/.done" ]; then
   rm -rf "$W/site"
   $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$BUNDLE"/whl/*.whl
   touch "$W/site/.done"
@@ -79,13 +91,13 @@ if [ ! -x "$W/llama/bin/llama-server" ]; then
 fi
 export LLAMA_CPP_LIB_PATH=$W/llama/bin
 export LD_LIBRARY_PATH=$W/llama/bin:${LD_LIBRARY_PATH:-}
-export PYTHONPATH=$W/site:$SRC:$ROOT
+if [ "$SITE" = bundle ]; then export PYTHONPATH=$W/site:$SRC:$ROOT; else export PYTHONPATH=$ROOT; fi
 export HF_HUB_OFFLINE=1 TOKENPOOL_MODELS__EMBED__ENABLED=false PYTHONUNBUFFERED=1
 $PY -c 'import llama_cpp, celery, pydantic; print("llama_cpp", llama_cpp.__version__, "from",
 llama_cpp.__file__, "| celery", celery.__version__, "| pydantic", pydantic.__version__)'
 
 log "timing models"
-if [ "$GPU" = cpu ]; then  # a dry run: a small body, or 2 cores take minutes per level
+if [ "$GPU" = cpu ]; then  # GPU-like: a small body, 1-2 ms a token on one thread
   SHAPE=(--embd 256 --layers 4 --heads 4 --kv-heads 2 --ff 1024)
 else
   SHAPE=()
@@ -112,7 +124,9 @@ bench() {  # name, args: one benchmark, bounded; a failure is logged and the nex
     || log "bench.$name failed or ran past ${limit}s"
 }
 bench batching --gpu "$GPU" --model "$GGUF" --llama-server "$W/llama/bin/llama-server" \
-  --levels "$LEVELS" --max-tokens 128 --rounds "$ROUNDS"
+  --levels "$LEVELS" --max-tokens 128 --rounds "$ROUNDS" "${LIKE[@]}"
 bench overhead --gpu "$GPU" --model "$GGUF"
-TOKENPOOL_MODELS__EMBED__ENABLED=true bench embeddings --gpu "$GPU" --model "$MINILM" --max-batch 64
+if [ "$GPU" != cpu ]; then  # a GPU-like run has no per-step cost to show here: embeddings.md
+  TOKENPOOL_MODELS__EMBED__ENABLED=true bench embeddings --gpu "$GPU" --model "$MINILM" --max-batch 64
+fi
 log "done"
