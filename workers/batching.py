@@ -11,16 +11,18 @@ wait for its end; one engine thread owns the model and loops:
 3. one `llama_decode` for the whole batch, then each finished prompt or decoding sequence
    samples its next token with its own sampler chain (sampling parameters, seed, penalties).
 
-A job's sampled pieces go to its request's sink (`Sink`: the job's text and event writer), in
-the engine thread: each sink queues its token's Redis append, and once every sequence of the
-step has sampled, the first sink's flush sends all of the step's appends in one round trip,
-whose answers are read after the next decode (broker/groupcommit.py); a sink that says stop
-(a stop string, a cancel) frees its slot at once. Handing each piece to
-its job's task thread instead cost a thread wakeup per token: measured with `python -m
-bench.roundtrips`, 131 µs of client CPU per token, against 22 µs this way, CPU that a CPU host
-takes from llama.cpp's compute threads. A request's end (or error) reaches its task thread from
-an outbox handed out just before the next decode (a task thread woken in the middle of sampling
-would take the GIL between the engine's llama.cpp calls).
+A step's sampled pieces go to their requests' sinks (`Sink`: the job's text and event writer)
+in one feeder thread (`Feeder`), while the engine thread runs the next decode (llama.cpp
+releases the GIL): each sink queues its token's Redis append, and once every piece of the step
+is fed, the first sink's flush sends all of the step's appends in one round trip, whose answers
+are read with the next step's (broker/groupcommit.py). Then the feeder hands the step's ends
+(and errors) to their task threads, so a job's end always follows its last piece. A sink that
+says stop (a stop string, a cancel) frees its slot when the engine collects the step's
+verdicts, after the next decode: a stopped job decodes one token more, never sampled. One
+handoff per step, not one thread wakeup per token in each job's thread (measured with `python
+-m bench.roundtrips`: 131 µs of client CPU per token that way, 22 µs from one thread). Fed in
+the engine thread, between decodes, the sinks and their Redis client took about 5% of a step at
+a GPU's step time (docs/gpu.md).
 
 `InvariantBatchEngine` (a model's `batch_invariant`, the default) keeps each step to shapes
 whose arithmetic per row does not depend on the other rows, so a job's tokens do not depend on
@@ -107,6 +109,83 @@ class Request:
     reused: int = 0  # prompt tokens found in the cache
 
 
+# A sampled piece on its way to its sink: the slot it was sampled in, the request, its bytes
+# and log-probabilities; a request's end (None, or its error) on its way to its task thread;
+# a sink's verdict: it said stop (with the error a sink raised, if it raised).
+Fed = tuple["Slot", Request, bytes, TokenLogprob | None]
+Ended = tuple[Request, Exception | None]
+Verdict = tuple["Slot", Request, Exception | None]
+
+
+class Feeder:
+    """The thread that feeds a step's pieces to their sinks, flushes them, then hands out the
+    step's ends, while the engine decodes the next step; the engine collects the sinks'
+    verdicts before it samples that step."""
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[tuple[list[Fed], list[Ended]] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[list[Verdict]] = queue.SimpleQueue()
+        self._handed = 0  # batches handed and not yet collected (engine thread only)
+        self._thread = threading.Thread(target=self._run, name="batch-feeder", daemon=True)
+        self._thread.start()
+
+    def hand(self, fed: list[Fed], ended: list[Ended]) -> None:
+        if fed or ended:
+            self._work.put((fed, ended))
+            self._handed += 1
+
+    @property
+    def busy(self) -> bool:
+        return self._handed > 0
+
+    def collect(self) -> list[Verdict]:
+        """Wait until everything handed is fed and handed out; the sinks that said stop."""
+        verdicts: list[Verdict] = []
+        while self._handed:
+            verdicts += self._done.get()
+            self._handed -= 1
+        return verdicts
+
+    def close(self) -> None:
+        self._work.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (work := self._work.get()) is not None:
+            verdicts: list[Verdict] = []
+            try:
+                verdicts = feed(*work)
+            except Exception:  # a bug here: the engine must not wait for ever
+                log.exception("feeding a step's pieces failed")
+            self._done.put(verdicts)
+
+
+def feed(fed: list[Fed], ended: list[Ended]) -> list[Verdict]:
+    """Feed each piece to its sink (none after its sink said stop), flush each sink fed once,
+    then put each end in its request's queue (a sink's own error, if it raised, with it)."""
+    stopped: dict[Request, Verdict] = {}
+    try:
+        for slot, request, piece, logprob in fed:
+            if request in stopped:
+                continue
+            try:
+                if not request.sink.feed(piece, logprob):
+                    stopped[request] = (slot, request, None)
+            except Exception as exc:  # a sink keeps its own errors; this is a bug in one
+                stopped[request] = (slot, request, exc)
+        for slot, request in {(slot, request): None for slot, request, _, _ in fed}:
+            try:
+                if not request.sink.flush():
+                    stopped.setdefault(request, (slot, request, None))
+            except Exception as exc:
+                stopped[request] = (slot, request, exc)
+    finally:  # whatever happened, every end is handed out: no job thread waits for ever
+        for request, error in ended:
+            raised = stopped[request][2] if request in stopped else None
+            request.out.put(error if error is not None else raised)
+    return list(stopped.values())
+
+
 @dataclass(eq=False)
 class Slot:
     seq: int
@@ -189,8 +268,9 @@ class BatchEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.steps = 0
-        self._outbox: list[tuple[queue.SimpleQueue[Exception | None], Exception | None]] = []
-        self._fed: list[tuple[Slot, Request]] = []  # sinks fed this step, to flush
+        self._outbox: list[Ended] = []  # ends of this step, handed out after its pieces
+        self._fed: list[Fed] = []  # pieces sampled this step, for the feeder
+        self._feeder = Feeder()
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
 
@@ -226,11 +306,12 @@ class BatchEngine:
                 self._step(plan)
             except Exception as exc:  # a failed decode fails the jobs in it, not the engine
                 self._fail([slot for slot, _ in plan], exc)
-        self._deliver()
+        self._drain()
+        self._feeder.close()
 
     def _idle(self) -> None:
-        """Nothing to decode: hand out the last step's ends, then wait for work."""
-        self._deliver()
+        """Nothing to decode: feed the last step's pieces, hand out its ends, wait for work."""
+        self._drain()
         self._wake.wait(0.05)
         self._wake.clear()
 
@@ -238,16 +319,28 @@ class BatchEngine:
         log.exception("decode step failed")
         for slot in slots:
             self._finish(slot, exc)
-        self._deliver()
+        self._drain()
 
-    def _deliver(self) -> None:
-        """Hand the step's ends (and errors) to their task threads."""
+    def _hand(self) -> None:
+        """The step's pieces and ends to the feeder, which works while the next decode runs."""
+        fed, self._fed = self._fed, []
         outbox, self._outbox = self._outbox, []
-        for out, item in outbox:
-            out.put(item)
+        self._feeder.hand(fed, outbox)
+
+    def _collect(self) -> None:
+        """Once the feeder is done: free the slots whose sinks said stop."""
+        for slot, request, error in self._feeder.collect():
+            if slot.request is request:
+                self._finish(slot, error)
+
+    def _drain(self) -> None:
+        """Everything sampled fed, every end handed out."""
+        while self._fed or self._outbox or self._feeder.busy:
+            self._hand()
+            self._collect()
 
     def _decode(self, entries: list[tuple[int, int, int, bool]], prefill: bool = False) -> None:
-        self._deliver()  # the task threads run while llama.cpp computes, GIL released
+        self._hand()  # fed while llama.cpp computes, GIL released
         (self.backend.prefill if prefill else self.backend.decode)(entries)
         self.steps += 1
 
@@ -321,39 +414,25 @@ class BatchEngine:
         self._sample_outputs(outputs)
 
     def _sample_outputs(self, outputs: list[tuple[Slot, int]]) -> None:
+        self._collect()  # the step before's verdicts: a stopped job samples no more
         for slot, index in outputs:
             self._sample(slot, index)
-        self._flush_sinks()
-
-    def _flush_sinks(self) -> None:
-        fed, self._fed = self._fed, []
-        for slot, request in fed:
-            error: Exception | None = None
-            try:
-                more = request.sink.flush()
-            except Exception as exc:  # a sink keeps its own errors; this is a bug in one
-                more, error = False, exc
-            if not more and slot.request is request:
-                self._finish(slot, error)
 
     def _sample(self, slot: Slot, index: int) -> None:
         request = slot.request
-        assert request is not None
+        if request is None:  # its sink said stop while this step decoded
+            return
         token = self.backend.sample(request, index)
         request.sampled += 1
         if self.backend.is_eog(token):
             self._finish(slot, None)
             return
-        self._fed.append((slot, request))
         top = request.sampling.logprobs
         try:
             logprob = None if top is None else self.backend.logprob(index, token, top)
-            more = request.sink.feed(self.backend.piece(token), logprob)
-        except Exception as exc:  # a sink keeps its own errors; this is a bug in one
+            self._fed.append((slot, request, self.backend.piece(token), logprob))
+        except Exception as exc:
             self._finish(slot, exc)
-            return
-        if not more:
-            self._finish(slot, None)
             return
         if request.sampled >= request.max_new or len(slot.cached) + 1 >= self.n_ctx:
             self._finish(slot, None)
@@ -366,7 +445,7 @@ class BatchEngine:
             return
         slot.pending = []  # tokens never decoded are not in the cache
         slot.prefilled = []  # nor those the prefill context holds, never copied here
-        self._outbox.append((request.out, error if error is not None else END))
+        self._outbox.append((request, error if error is not None else END))
         slot.request = None
 
 
@@ -468,7 +547,8 @@ class InvariantBatchEngine(BatchEngine):
                     self._fail(decoding, exc)
             elif not prompted:
                 self._idle()
-        self._deliver()
+        self._drain()
+        self._feeder.close()
 
     def _donor(self, slots: Sequence[Slot], target: Slot,
                tokens: Sequence[int]) -> tuple[Slot, int]:

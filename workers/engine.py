@@ -29,8 +29,9 @@ TokenLogprob = dict  # {"token", "logprob", "bytes", "top_logprobs": [{"token", 
 
 
 class Sink(Protocol):
-    """Where a generation's sampled pieces go, in the thread that samples them (a batch
-    engine's: one wakeup per step for all its jobs, not one per token in each job's thread)."""
+    """Where a generation's sampled pieces go, in one thread for all of a batch engine's jobs
+    (its feeder's, while the next step decodes: one wakeup per step, not one per token in each
+    job's thread). No piece comes after the generation returned."""
 
     def feed(self, piece: bytes, logprob: TokenLogprob | None = None) -> bool:
         """One sampled token's bytes (and its log-probabilities, when the sampling asks);
@@ -38,9 +39,9 @@ class Sink(Protocol):
         ...
 
     def flush(self) -> bool:
-        """After each step that fed it, once every job of the step has sampled: what the step
+        """After each step that fed it, once every piece of the step is fed: what the step
         queued goes out now (one round trip for all of them; its answers may be read later,
-        while the next step decodes). False: generate no more."""
+        with the next step's). False: generate no more."""
         ...
 
 

@@ -166,39 +166,62 @@ def test_each_request_gets_its_own_tokens_from_shared_steps():
         engine.close()
 
 
-def test_a_steps_ends_reach_their_threads_after_all_its_sampling_before_the_next_decode():
-    class Watching(FakeBackend):
-        """Counts the ends handed to the task threads at every decode and every sample."""
+def test_a_jobs_end_reaches_its_thread_after_its_last_piece_and_the_feeding_overlaps_decodes():
+    """The feeder feeds a step's pieces while the engine decodes the next step, and hands a
+    job's end out only once its last piece is fed and flushed: nothing reaches a sink after
+    its job's thread was told the end."""
 
+    class Watching(FakeBackend):
         def __init__(self):
             super().__init__()
-            self.reqs, self.at_decode, self.at_sample = [], [], []
-
-        def handed(self):
-            return sum(r.out.qsize() for r in self.reqs)
+            self.in_decode = threading.Event()
+            self.overlapped = 0
 
         def decode(self, entries):
-            self.at_decode.append(self.handed())
+            self.in_decode.set()
+            threading.Event().wait(0.002)  # a decode long enough to be seen
             super().decode(entries)
-
-        def sample(self, request, batch_index):
-            self.at_sample.append((len(self.at_decode), self.handed()))
-            return super().sample(request, batch_index)
+            self.in_decode.clear()
 
     backend = Watching()
-    backend.gate.clear()  # all four are seated before the first decode
+
+    class Checked(Collect):
+        def __init__(self, req_out):
+            super().__init__()
+            self.out = req_out
+
+        ended = False  # set by the job's thread once it has the end
+
+        def feed(self, piece, logprob=None):
+            assert self.out.empty() and not self.ended, "fed after the end was handed out"
+            backend.overlapped += backend.in_decode.is_set()
+            return super().feed(piece, logprob)
+
+        def flush(self):
+            assert self.out.empty() and not self.ended, "flushed after the end was handed out"
+            return True
+
+    def run_and_mark(r):
+        run_to_end(engine, r)
+        r.sink.ended = True
+
     engine = BatchEngine(backend, max_batch=4, n_ctx=100)
     try:
-        backend.reqs = [engine.submit(request([10 * i], max_new=n))
-                        for i, n in enumerate((1, 2, 3, 3), start=1)]
-        backend.gate.set()
-        while engine.active() or engine._waiting:  # nobody reads while the engine runs
-            threading.Event().wait(0.01)
-        for r, n in zip(backend.reqs, (1, 2, 3, 3), strict=True):
-            assert r.out.get(timeout=5) is None and len(r.sink.got) == n
-        assert backend.at_decode == [0, 1, 2]  # the ends of the step before, each time
-        for step, handed in backend.at_sample:  # nothing handed out mid-sampling
-            assert handed == backend.at_decode[step - 1]
+        reqs = []
+        for i, n in enumerate((1, 2, 5, 9, 3, 7), start=1):
+            r = Request(tokens=[10 * i], sampling=Sampling(max_tokens=n), max_new=n, sink=Collect())
+            r.sink = Checked(r.out)
+            reqs.append(r)
+        threads = [threading.Thread(target=run_and_mark, args=(r,)) for r in reqs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert all(r.sink.ended for r in reqs)  # no assertion failed in the feeder
+        assert {r.tokens[0]: b"".join(r.sink.got) for r in reqs} == {
+            10 * i: b"".join(f"<{10 * i + t}>".encode() for t in range(1, n + 1))
+            for i, n in enumerate((1, 2, 5, 9, 3, 7), start=1)}
+        assert backend.overlapped > 0  # pieces were fed while a decode ran
     finally:
         engine.close()
 
@@ -368,7 +391,7 @@ def run_sinks(engine, backend, reqs):
         assert not t.is_alive()
 
 
-def test_sinks_take_their_pieces_in_the_engine_thread_and_flush_once_a_step_after_all_sampled():
+def test_sinks_take_their_pieces_in_the_feeder_thread_and_flush_once_a_step_after_all_fed():
     backend, log = FakeBackend(), []
     engine = BatchEngine(backend, max_batch=4, n_ctx=100)
     a, b = RecordingSink(log, "a"), RecordingSink(log, "b")
@@ -379,14 +402,14 @@ def test_sinks_take_their_pieces_in_the_engine_thread_and_flush_once_a_step_afte
     finally:
         engine.close()
     assert a.got == [b"<11>", b"<12>"] and b.got == [b"<21>", b"<22>"]
-    assert a.thread == b.thread == "batch-engine"
+    assert a.thread == b.thread == "batch-feeder"
     steps = [sorted(log[i:i + 4]) for i in range(0, len(log), 4)]  # feed, feed, flush, flush
     assert steps == [[("feed", "a", n), ("feed", "b", n), ("flush", "a", n), ("flush", "b", n)]
                      for n in (1, 2)]
     assert [kind for kind, _, _ in log] == ["feed", "feed", "flush", "flush"] * 2
 
 
-def test_a_sink_that_says_stop_at_feed_or_flush_frees_its_slot_at_once():
+def test_a_sink_that_says_stop_at_feed_or_flush_frees_its_slot_after_the_next_decode():
     backend, log = FakeBackend(), []
     engine = BatchEngine(backend, max_batch=4, n_ctx=100)
     stop_feed = RecordingSink(log, "feed", stop_after=2)
@@ -401,7 +424,9 @@ def test_a_sink_that_says_stop_at_feed_or_flush_frees_its_slot_at_once():
         engine.close()
     assert (len(stop_feed.got), len(stop_flush.got), len(runs_on.got)) == (2, 3, 6)
     rows = [sorted(seq for _, _, seq, _ in batch) for batch in backend.batches]
-    assert rows == [[0, 1, 2]] * 2 + [[1, 2]] + [[2]] * 3  # each leaves after its last piece
+    # each leaves one decode after its last piece (fed while that decode ran), never sampled
+    # there again: its sink got no more
+    assert rows == [[0, 1, 2]] * 3 + [[1, 2]] + [[2]] * 2
 
 
 def test_prompts_of_a_run_go_as_many_whole_chunks_as_fit_and_a_gap_splits_the_run():
