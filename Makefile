@@ -72,7 +72,7 @@ bench: install
 	$(BIN)/python -m bench.overhead
 
 # On a GPU host (installed with CMAKE_ARGS=-DGGML_CUDA=on TORCH=torch): tokenpool against a
-# llama-server built for that GPU, the queue's overhead and embeddings, each result recorded in
+# llama-server built for that GPU, the queue's overhead, embeddings and a burst's first tokens, each recorded in
 # bench/results/<name>-gpuN.md. GGUF: the model both sides serve; LLAMA_SERVER: that llama-server binary.
 GPU ?= 0
 GGUF ?=
@@ -83,6 +83,7 @@ bench-gpu: install
 	  --levels 1,8,16,32,64 --max-tokens 128 --rounds 3
 	$(BIN)/python -m bench.overhead --gpu $(GPU) --model $(GGUF)
 	$(BIN)/python -m bench.embeddings --gpu $(GPU) --max-batch 64
+	$(BIN)/python -m bench.ttft --gpu $(GPU) --model $(GGUF) --jobs 64
 
 # A GPU host without network: .gpu/ holds what it lacks; there, `bash bench/gpu/run.sh`.
 gpu-bundle: install

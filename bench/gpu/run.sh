@@ -13,7 +13,7 @@
 # of its vendored llama.cpp for this GPU, giving both the libraries the worker loads
 # (LLAMA_CPP_LIB_PATH) and llama-server, so both sides run the same kernels; a random-weights
 # llama GGUF and MiniLM (bench/gpu/models.py); then bench.batching (against llama-server),
-# bench.overhead and bench.embeddings. Everything prints to one log, $RESULTS/gpu-run.log.
+# bench.overhead, bench.embeddings and bench.ttft (where a burst's worst first token goes). Everything prints to one log, $RESULTS/gpu-run.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 GPU=${GPU:-0}
@@ -128,5 +128,8 @@ bench batching --gpu "$GPU" --model "$GGUF" --llama-server "$W/llama/bin/llama-s
 bench overhead --gpu "$GPU" --model "$GGUF"
 if [ "$GPU" != cpu ]; then  # a GPU-like run has no per-step cost to show here: embeddings.md
   TOKENPOOL_MODELS__EMBED__ENABLED=true bench embeddings --gpu "$GPU" --model "$MINILM" --max-batch 64
+  bench ttft --gpu "$GPU" --model "$GGUF" --jobs 64
+else
+  bench ttft --gpu "$GPU" --model "$GGUF" --jobs 16 --threads 1
 fi
 log "done"
