@@ -41,6 +41,11 @@ class PendingCall:
     replied: bool = False
     done: bool = False
 
+    @property
+    def command(self) -> tuple[Any, ...]:
+        """The EVALSHA this call sends, in a pipeline or written by `send`."""
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
     def answer(self, reply: Any) -> None:
         if isinstance(reply, Exception):
             self.error = reply
@@ -125,8 +130,7 @@ class GroupCommit:
         except Exception:  # Redis away: the reader's send retries
             return None
         try:
-            connection.send_packed_command(connection.pack_commands(
-                [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in batch]))
+            connection.send_packed_command(connection.pack_commands([c.command for c in batch]))
         except Exception:
             connection.disconnect()
             pool.release(connection)
@@ -176,7 +180,7 @@ class GroupCommit:
     def _pipeline(self, batch: list[PendingCall]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for call in batch:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command(*call.command)
         self._answer(batch, pipe.execute(raise_on_error=False))
 
     def _answer(self, batch: list[PendingCall], replies: list[Any]) -> None:
